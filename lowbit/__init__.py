@@ -1,0 +1,3 @@
+"""lowbit: make large language models small, and prove what it cost."""
+
+__version__ = "0.1.0"

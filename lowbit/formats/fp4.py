@@ -1,0 +1,78 @@
+"""MXFP4: FP4 E2M1 elements sharing a power-of-two E8M0 scale per block of 32 (OCP MX v1.0).
+
+Name: ``mxfp4``. The OCP Microscaling spec fixes the block at 32, so no other size is taken.
+
+E2M1 holds the magnitudes 0, 0.5, 1, 1.5, 2, 3, 4, 6 and a sign. A block's shared exponent
+is ``floor(log2(max|w|)) - 2`` (2 being E2M1's largest exponent), clamped to the E8M0 range
+[-127, 127]; elements are divided by ``2**exponent``, clamped to ±6 (the spec saturates) and
+rounded to the nearest E2M1 value, ties to the even code (the one whose mantissa bit is 0).
+
+Parts: ``packed`` uint8 ``(out, ceil(in/2))``, the 4-bit codes ``sign << 3 | magnitude index``
+packed low nibble first; ``exponent`` uint8 ``(out, blocks)``, the E8M0 byte (exponent + 127).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lowbit.formats.base import Format, Groups, check_matrix
+from lowbit.formats.packing import pack, packed_bytes, unpack
+from lowbit.qtensor import QTensor
+
+E2M1_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+E2M1_MAX_EXPONENT = 2
+BLOCK = 32
+
+
+def round_to_e2m1(magnitude: torch.Tensor) -> torch.Tensor:
+    """Index (0..7) of the nearest E2M1 magnitude, ties to the even index."""
+    values = E2M1_VALUES.to(magnitude.device)
+    midpoints = (values[:-1] + values[1:]) / 2
+    below = torch.bucketize(magnitude, midpoints)  # ties land on the lower index
+    at_tie = (below < 7) & (magnitude == midpoints[below.clamp(max=6)])
+    return torch.where(at_tie & (below % 2 == 1), below + 1, below)
+
+
+@dataclass(frozen=True, repr=False)
+class MXFP4Format(Format):
+    name: str = "mxfp4"
+
+    def storage_bytes(self, shape: tuple[int, int]) -> int:
+        return shape[0] * (packed_bytes(shape[1], 4) + Groups(shape[1], BLOCK).count)
+
+    def quantize(self, weight: torch.Tensor, clip_ratio: torch.Tensor | None = None) -> QTensor:
+        check_matrix(weight, self.name)
+        if clip_ratio is not None:
+            raise ValueError("mxfp4 scales are powers of two fixed by the spec; it has no clipping search")
+        shape = (weight.shape[0], weight.shape[1])
+        groups = Groups(shape[1], BLOCK)
+        blocks = groups.split(weight.float())
+        absmax = blocks.abs().amax(-1)
+        exponent = torch.floor(torch.log2(absmax.clamp(min=torch.finfo(torch.float32).tiny)))
+        exponent = (exponent - E2M1_MAX_EXPONENT).clamp(-127, 127)
+        scaled = (blocks / torch.exp2(exponent).unsqueeze(-1)).clamp(-6, 6)
+        codes = round_to_e2m1(scaled.abs()) | ((scaled < 0).to(torch.int64) << 3)
+        parts = {
+            "packed": pack(groups.merge(codes.to(torch.uint8)), 4),
+            "exponent": (exponent + 127).to(torch.uint8),
+        }
+        return QTensor(self.name, shape, parts)
+
+    def dequantize(self, qtensor: QTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        shape = qtensor.shape
+        groups = Groups(shape[1], BLOCK)
+        codes = groups.split(unpack(qtensor.parts["packed"], 4, shape[1]).long())
+        magnitude = E2M1_VALUES.to(codes.device)[codes & 7]
+        values = torch.where(codes >= 8, -magnitude, magnitude)
+        scale = torch.exp2(qtensor.parts["exponent"].float() - 127)
+        return groups.merge(values * scale.unsqueeze(-1)).to(dtype)
+
+
+def parse(name: str) -> MXFP4Format | None:
+    if name == "mxfp4":
+        return MXFP4Format()
+    if name.startswith("mxfp4-"):
+        raise ValueError(f"mxfp4 uses blocks of 32 as the OCP MX spec fixes them; {name!r} is not a variant")
+    return None
