@@ -1,0 +1,196 @@
+"""Plans: which layer gets which format and algorithm.
+
+A plan is an ordered list of rules. Each rule is a glob pattern over module names
+(``"*.mlp.down_proj"``, ``"lm_head"``, ``"*"``) and what to do with the linear layers it
+matches: keep them as they are, or quantize them to a format with an algorithm. The first
+matching rule wins; a linear that no rule matches is kept.
+
+A *scheme* is what users type: a preset (``int4-g128``, ``nf4-dq`` …), any format name, or a
+plan file (YAML or JSON). A preset or format name may carry algorithm modifiers after ``+``:
+``int4-g128+clip`` runs RTN with the clipping search. Presets keep ``lm_head`` (and the
+embeddings, which are never linears) in their original precision.
+
+Plan file::
+
+    # the first matching rule wins
+    rules:
+      "lm_head": keep
+      "*.mlp.down_proj": int8
+      "*.self_attn.*": int4-g128+clip
+      "*": {format: nf4, algorithm: rtn, clip_search: true}
+
+(A file may also be the rules mapping alone, without the ``rules:`` key.)
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from lowbit.algorithms import get_algorithm
+from lowbit.errors import LowbitError, UnknownNameError
+from lowbit.formats import NAME_GRAMMAR, get_format
+
+KEEP = "keep"
+
+#: preset name -> format of every linear but ``lm_head``
+PRESETS = {
+    "bf16": "bf16",
+    "fp16": "fp16",
+    "int8": "int8",
+    "w8-g128": "int8-g128",
+    "int4-g128": "int4-g128",
+    "int4-g32": "int4-g32",
+    "int4-sym-g128": "int4-sym-g128",
+    "nf4": "nf4",
+    "nf4-dq": "nf4-dq",
+    "int3-g128": "int3-g128",
+    "int2-g64": "int2-g64",
+    "fp8": "fp8",
+    "mxfp4": "mxfp4",
+}
+
+#: ``+modifier`` -> algorithm options it sets
+MODIFIERS = {"clip": {"clip_search": True}}
+
+#: modules every preset keeps in full precision
+PRESET_KEEP = ("lm_head",)
+
+
+@dataclass(frozen=True)
+class Rule:
+    pattern: str
+    format: str | None  # None keeps the module as it is
+    algorithm: str = "rtn"
+    options: dict = field(default_factory=dict, hash=False)
+
+    def matches(self, module_name: str) -> bool:
+        return fnmatch.fnmatchcase(module_name, self.pattern)
+
+    def describe(self) -> str:
+        if self.format is None:
+            return KEEP
+        extras = "".join(f" {k}={v}" for k, v in self.options.items())
+        return f"{self.format} ({self.algorithm}{extras})"
+
+    def to_dict(self) -> dict:
+        if self.format is None:
+            return {"pattern": self.pattern, "format": KEEP}
+        return {"pattern": self.pattern, "format": self.format, "algorithm": self.algorithm, **self.options}
+
+
+@dataclass
+class Plan:
+    rules: list[Rule]
+    name: str = "custom"
+
+    def rule_for(self, module_name: str) -> Rule | None:
+        """The rule that decides ``module_name``, or None when no rule matches."""
+        for rule in self.rules:
+            if rule.matches(module_name):
+                return rule
+        return None
+
+    def unused_rules(self, module_names: list[str]) -> list[Rule]:
+        return [rule for rule in self.rules if not any(rule.matches(n) for n in module_names)]
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "rules": [rule.to_dict() for rule in self.rules]}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Plan:
+        rules = []
+        for entry in data["rules"]:
+            entry = dict(entry)
+            pattern, fmt = entry.pop("pattern"), entry.pop("format")
+            rules.append(make_rule(pattern, {"format": fmt, **entry}))
+        return cls(rules, data.get("name", "custom"))
+
+
+def make_rule(pattern: str, spec: str | dict | None) -> Rule:
+    """A checked rule from a plan entry: ``"keep"``, ``"int4-g128+clip"`` or a mapping."""
+    if spec is None or spec == KEEP:
+        return Rule(pattern, None)
+    if isinstance(spec, str):
+        fmt, options = _split_modifiers(spec)
+        algorithm = "rtn"
+    elif isinstance(spec, dict):
+        spec = dict(spec)
+        if "format" not in spec:
+            raise LowbitError(f"plan rule {pattern!r} needs a 'format' (or 'keep'), got {spec}")
+        fmt_text = spec.pop("format")
+        if fmt_text == KEEP:
+            return Rule(pattern, None)
+        fmt, options = _split_modifiers(str(fmt_text))
+        algorithm = spec.pop("algorithm", "rtn")
+        options = {**options, **spec}
+    else:
+        raise LowbitError(f"plan rule {pattern!r} must be a format name, 'keep' or a mapping, got {spec!r}")
+    fmt_name = get_format(fmt).name
+    options = get_algorithm(algorithm).check_options(options)
+    if options.get("clip_search") and not get_format(fmt_name).supports_clip:
+        raise LowbitError(f"{fmt_name} has no clipping search (its scales are fixed by the format); drop '+clip'")
+    # store only what differs from the algorithm's defaults, so manifests stay short
+    defaults = get_algorithm(algorithm).options
+    return Rule(pattern, fmt_name, algorithm, {k: v for k, v in options.items() if defaults.get(k) != v})
+
+
+def _split_modifiers(text: str) -> tuple[str, dict]:
+    base, *modifiers = [part.strip() for part in text.split("+")]
+    options: dict = {}
+    for modifier in modifiers:
+        if modifier not in MODIFIERS:
+            raise UnknownNameError(
+                f"unknown modifier '+{modifier}' in {text!r}; modifiers: {', '.join('+' + m for m in MODIFIERS)}"
+            )
+        options.update(MODIFIERS[modifier])
+    return PRESETS.get(base, base), options
+
+
+def preset_plan(scheme: str) -> Plan:
+    """The plan of a preset or format name, with optional ``+modifiers``."""
+    base = scheme.split("+")[0].strip()
+    try:
+        rule = make_rule("*", scheme)
+    except UnknownNameError:
+        if base in PRESETS:
+            raise
+        raise UnknownNameError(
+            f"unknown scheme {scheme!r}. Presets: {', '.join(PRESETS)}. "
+            f"Any format name also works ({NAME_GRAMMAR}), as does a plan file (.yaml or .json)."
+        ) from None
+    return Plan([Rule(name, None) for name in PRESET_KEEP] + [rule], scheme)
+
+
+def load_plan_file(path: str | Path) -> Plan:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise LowbitError(f"cannot read plan file {path}: {error.strerror}") from None
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as error:
+        raise LowbitError(f"plan file {path} is not valid {path.suffix[1:].upper()}: {error}") from None
+    if isinstance(data, dict) and "rules" in data:
+        data = data["rules"]
+    if not isinstance(data, dict) or not data:
+        raise LowbitError(
+            f"plan file {path} must map glob patterns to formats, e.g. {{'lm_head': 'keep', '*': 'int4-g128'}}"
+        )
+    return Plan([make_rule(str(pattern), spec) for pattern, spec in data.items()], path.name)
+
+
+def resolve_scheme(scheme: str | Plan) -> Plan:
+    """A Plan from what the user gave: a Plan, a plan file path, a preset or a format name."""
+    if isinstance(scheme, Plan):
+        return scheme
+    if scheme.endswith((".yaml", ".yml", ".json")):
+        if not Path(scheme).is_file():
+            raise LowbitError(f"plan file {scheme} does not exist")
+        return load_plan_file(scheme)
+    return preset_plan(scheme)
