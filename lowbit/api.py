@@ -1,0 +1,233 @@
+"""The public API: one function per verb. The CLI is a thin layer over these.
+
+    import lowbit
+    model = lowbit.quantize("path/or/model.gguf", "int4-g128")   # a transformers model
+    lowbit.save(model, "out/")
+    model = lowbit.load("out/")
+    print(lowbit.evaluate(model, reference="path/or/model.gguf"))
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lowbit.errors import LowbitError
+from lowbit.eval import bits_per_weight, evaluate_windows, reference_log_probs, weight_bytes
+from lowbit.eval.quality import fits_cache
+from lowbit.pipeline import quantize_model
+from lowbit.plan import Plan, resolve_scheme
+from lowbit.sources import (
+    DEFAULT_MODEL,
+    load_model,
+    load_text,
+    random_windows,
+    token_windows,
+    tokenize,
+)
+
+ModelLike = nn.Module | str | os.PathLike
+
+#: the schemes ``compare`` runs when none are named (the README's table)
+DEFAULT_SCHEMES = ("int8", "int4-g128", "int4-g128+clip", "nf4", "nf4-dq", "int3-g128", "fp8", "mxfp4")
+#: the dev protocol: 40 windows of 512 tokens
+DEFAULT_WINDOWS = 40
+DEFAULT_WINDOW_LENGTH = 512
+
+
+def _model_and_tokenizer(model: ModelLike, tokenizer=None, dtype=None):
+    if isinstance(model, nn.Module):
+        return model, tokenizer or getattr(model, "lowbit_tokenizer", None)
+    loaded, loaded_tokenizer, source = load_model(model, dtype=dtype)
+    loaded.lowbit_tokenizer = tokenizer or loaded_tokenizer
+    loaded.lowbit_source = str(source)
+    return loaded, loaded.lowbit_tokenizer
+
+
+def load(path: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dtype | str | None = None) -> nn.Module:
+    """Load a model: a native lowbit checkpoint (quantized), a HF directory, a GGUF file or hub id.
+
+    The tokenizer, when there is one, is at ``model.lowbit_tokenizer``.
+    """
+    return _model_and_tokenizer(path, dtype=dtype)[0]
+
+
+def calibration_tokens(tokenizer, data: str | os.PathLike, samples: int = 128, length: int = 512, seed: int = 0) -> torch.Tensor:
+    """``samples`` calibration windows of ``length`` tokens at random starts of the text in ``data``."""
+    return random_windows(tokenize(tokenizer, load_text(data)), samples, length, seed)
+
+
+def quantize(
+    model: ModelLike,
+    scheme: str | Plan = "int4-g128",
+    *,
+    calibration: str | os.PathLike | torch.Tensor | None = None,
+    calibration_samples: int = 128,
+    calibration_length: int = 512,
+    tokenizer=None,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> nn.Module:
+    """Quantize a model's linear layers as ``scheme`` says and return the transformers model.
+
+    ``model`` is a loaded transformers causal LM (quantized in place, as ``load_in_4bit`` users
+    expect) or anything :func:`load` takes. ``scheme`` is a preset (``int4-g128``, ``nf4-dq`` …),
+    a format name, either with ``+clip``, a plan file, or a :class:`~lowbit.plan.Plan`.
+    ``calibration`` (a text file, or token ids ``(samples, length)``) feeds the algorithms that
+    use activation statistics, such as the clipping search.
+    """
+    plan = resolve_scheme(scheme)
+    model, tokenizer = _model_and_tokenizer(model, tokenizer)
+    tokens = None
+    if calibration is not None:
+        tokens = calibration if isinstance(calibration, torch.Tensor) else calibration_tokens(
+            tokenizer, calibration, calibration_samples, calibration_length
+        )
+    return quantize_model(
+        model, plan, calibration=tokens, device=device, progress=progress, source=getattr(model, "lowbit_source", None)
+    )
+
+
+def save(model: nn.Module, path: str | os.PathLike, *, tokenizer=None, overwrite: bool = False) -> Path:
+    """Write a quantized model as a native lowbit checkpoint (atomically)."""
+    from lowbit.export.native import save_native
+
+    return save_native(model, path, tokenizer or getattr(model, "lowbit_tokenizer", None), overwrite=overwrite)
+
+
+def evaluation_windows(tokenizer, data: str | os.PathLike | None, windows: int | None, window_length: int) -> torch.Tensor:
+    """Token windows for evaluation. ``data=None`` is the built-in sample; ``windows=None`` takes
+    as many as the text holds, up to the dev protocol's 40."""
+    tokens = tokenize(tokenizer, load_text(data))
+    if windows is None:
+        windows = max(1, min(DEFAULT_WINDOWS, tokens.numel() // window_length))
+    return token_windows(tokens, windows, window_length)
+
+
+def _describe(model: nn.Module) -> dict:
+    return {
+        "weight_bytes": weight_bytes(model),
+        "bits_per_weight": bits_per_weight(model),
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "device": str(next(model.parameters()).device),
+    }
+
+
+def evaluate(
+    model: ModelLike,
+    *,
+    reference: ModelLike | None = None,
+    data: str | os.PathLike | None = None,
+    windows: int | None = None,
+    window_length: int = DEFAULT_WINDOW_LENGTH,
+    batch_size: int = 1,
+    tokenizer=None,
+    progress: bool = True,
+) -> dict:
+    """Perplexity (and, with a reference, KL and top-1 agreement), weight memory and speed.
+
+    Keys: ``perplexity``, ``kl_divergence``, ``top1_agreement``, ``weight_bytes``,
+    ``bits_per_weight``, ``tokens_per_second``, ``windows``, ``window_length``, and how it was
+    measured (``data``, ``dtype``, ``device``, ``bos``).
+    """
+    model, tokenizer = _model_and_tokenizer(model, tokenizer)
+    if reference is not None:
+        reference, _ = _model_and_tokenizer(reference)
+    token_windows_ = evaluation_windows(tokenizer, data, windows, window_length)
+    result = evaluate_windows(model, token_windows_, reference, batch_size, progress)
+    return {**result, **_describe(model), "data": str(data or "built-in sample"), "bos": False}
+
+
+def compare(
+    model: ModelLike = DEFAULT_MODEL,
+    schemes: list[str] | tuple[str, ...] = DEFAULT_SCHEMES,
+    *,
+    data: str | os.PathLike | None = None,
+    windows: int | None = None,
+    window_length: int = DEFAULT_WINDOW_LENGTH,
+    calibration: str | os.PathLike | None = None,
+    batch_size: int = 1,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> dict:
+    """Quantize ``model`` to each scheme and measure each against the unquantized model.
+
+    Returns ``{"model", "reference", "rows", "data", ...}``; each row has ``scheme``,
+    ``bits_per_weight``, ``weight_bytes``, ``perplexity``, ``kl_divergence``,
+    ``top1_agreement``, ``quantization_seconds`` and ``tokens_per_second``.
+    """
+    plans = [resolve_scheme(s) for s in schemes]  # refuse a bad scheme before any heavy work
+    base, tokenizer = _model_and_tokenizer(model)
+    if getattr(base, "lowbit_manifest", None) is not None:
+        raise LowbitError("compare needs an unquantized model to quantize and to measure against")
+    token_windows_ = evaluation_windows(tokenizer, data, windows, window_length)
+    calibration_ids = None if calibration is None else calibration_tokens(tokenizer, calibration)
+    vocab = base.get_output_embeddings().weight.shape[0]
+    reference = reference_log_probs(base, token_windows_, batch_size, progress) if fits_cache(token_windows_, vocab) else base
+    reference_row = {"scheme": f"reference ({_describe(base)['dtype']})", **_describe(base)}
+    reference_row.update(evaluate_windows(base, token_windows_, reference, batch_size, progress))
+    reference_row["quantization_seconds"] = None
+    rows = [reference_row]
+    for plan in plans:
+        candidate = copy.deepcopy(base)
+        start = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a calibration note per scheme would only repeat
+            quantize_model(candidate, plan, calibration=calibration_ids, device=device, progress=progress)
+        seconds = time.perf_counter() - start
+        row = {"scheme": plan.name, **_describe(candidate), "quantization_seconds": seconds}
+        row.update(evaluate_windows(candidate, token_windows_, reference, batch_size, progress))
+        rows.append(row)
+        del candidate
+    return {
+        "model": getattr(base, "lowbit_source", type(base).__name__),
+        "data": str(data or "built-in sample"),
+        "windows": int(token_windows_.shape[0]),
+        "window_length": int(token_windows_.shape[1]),
+        "calibration": None if calibration is None else str(calibration),
+        "bos": False,
+        "rows": rows,
+    }
+
+
+def generate(model: ModelLike, prompt: str, *, max_new_tokens: int = 64, chat: bool | None = None) -> str:
+    """Greedy continuation of ``prompt``; instruct models get their chat template (``chat=None``: auto)."""
+    model, tokenizer = _model_and_tokenizer(model)
+    if tokenizer is None:
+        raise LowbitError("this model has no tokenizer to turn the prompt into tokens")
+    use_chat = getattr(tokenizer, "chat_template", None) is not None if chat is None else chat
+    if use_chat:
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )["input_ids"]
+    else:
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=ids.to(next(model.parameters()).device),
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        )
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+
+
+def size(
+    config_or_path: str | os.PathLike | dict,
+    *,
+    context: int = 4096,
+    batch: int = 1,
+    gpu_memory: str | int | None = None,
+) -> dict:
+    """Memory of the weights in every format, the KV cache, and whether it fits (config alone)."""
+    from lowbit.advisor.sizing import parse_memory, size_report
+
+    memory = parse_memory(gpu_memory) if isinstance(gpu_memory, str) else gpu_memory
+    return size_report(config_or_path, context=context, batch=batch, gpu_memory=memory)

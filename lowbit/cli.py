@@ -1,0 +1,201 @@
+"""The ``lowbit`` command: parse arguments, call one API function, print the result.
+
+Errors that are the user's to fix (a missing file, an unknown scheme …) are printed as one
+``error:`` line and exit with status 2; warnings as ``warning:`` lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+
+from lowbit.errors import LowbitError
+
+
+def _write_json(path: str | None, data: dict) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        temporary = Path(f"{path}.partial")
+        temporary.write_text(json.dumps(data, indent=2, default=str) + "\n")
+        temporary.replace(path)
+        print(f"wrote {path}")
+
+
+def _mb(value: int) -> str:
+    return f"{value / 1e6:.1f} MB"
+
+
+def cmd_quantize(args) -> None:
+    import lowbit
+    from lowbit.eval import bits_per_weight, weight_bytes
+    from lowbit.export.atomic import check_output
+
+    check_output(Path(args.output), args.overwrite)  # refuse before the slow part
+    model = lowbit.load(args.model)
+    before, before_bits = weight_bytes(model), bits_per_weight(model)
+    lowbit.quantize(
+        model, args.scheme, calibration=args.calibration, calibration_samples=args.calibration_samples,
+        calibration_length=args.calibration_length, device=args.device,
+    )  # fmt: skip
+    lowbit.save(model, args.output, overwrite=args.overwrite)
+    manifest = model.lowbit_manifest
+    print(
+        f"quantized {len(manifest['modules'])} linear layers with {manifest['plan']['name']} "
+        f"in {manifest['quantization_seconds']:.1f} s\n"
+        f"weights: {_mb(before)} -> {_mb(weight_bytes(model))}; "
+        f"decoder linears: {before_bits:.3f} -> {bits_per_weight(model):.3f} bits/weight\n"
+        f"saved {args.output}"
+    )
+
+
+def cmd_eval(args) -> None:
+    import lowbit
+    from lowbit.report.table import COMPARISON_COLUMNS, format_table
+
+    result = lowbit.evaluate(
+        args.model, reference=args.reference, data=args.data, windows=args.windows,
+        window_length=args.window_length, batch_size=args.batch_size,
+    )  # fmt: skip
+    result["scheme"] = Path(args.model).name
+    print(format_table([result], [c for c in COMPARISON_COLUMNS if c[1] != "quantization_seconds"]))
+    print(f"({result['windows']} windows of {result['window_length']} tokens from {result['data']}, no BOS)")
+    _write_json(args.json, result)
+
+
+def cmd_compare(args) -> None:
+    import lowbit
+    from lowbit.report import format_table
+
+    schemes = [s.strip() for s in args.schemes.split(",") if s.strip()] if args.schemes else lowbit.DEFAULT_SCHEMES
+    result = lowbit.compare(
+        args.model, schemes, data=args.data, windows=args.windows, window_length=args.window_length,
+        calibration=args.calibration, batch_size=args.batch_size, device=args.device,
+    )  # fmt: skip
+    print(f"\n{result['model']}: {result['windows']} windows of {result['window_length']} tokens from {result['data']}")
+    print(format_table(result["rows"]))
+    print("bits/weight: decoder linears, scales and zeros included; size: all weights (embeddings kept)")
+    _write_json(args.json, result)
+
+
+def cmd_size(args) -> None:
+    import lowbit
+    from lowbit.advisor.sizing import format_report
+
+    report = lowbit.size(args.model, context=args.context, batch=args.batch, gpu_memory=args.gpu_memory)
+    print(format_report(report))
+    _write_json(args.json, report)
+
+
+def cmd_inspect(args) -> None:
+    from lowbit.inspection import inspect_checkpoint
+
+    report = inspect_checkpoint(args.path)
+    print(f"{report['path']} ({report['kind']}): {report['architecture']}")
+    if report["plan"]:
+        print(f"quantized by lowbit with {report['plan']} from {report['source']}")
+    print(f"{report['parameters']:,} weights, {_mb(report['bytes'])}, {report['bits_per_weight']:.3f} bits/weight overall")
+    print(f"\n{'format':<16}{'tensors':>8}{'weights':>16}{'MB':>10}{'bits/weight':>13}")
+    for name, group in sorted(report["formats"].items(), key=lambda item: -item[1]["bytes"]):
+        bits = "-" if group["bits_per_weight"] is None else f"{group['bits_per_weight']:.3f}"
+        print(f"{name:<16}{group['tensors']:>8}{group['weights']:>16,}{group['bytes'] / 1e6:>10.1f}{bits:>13}")
+    if args.tensors:
+        print()
+        for t in report["tensors"]:
+            print(f"{t['name']:<56}{t['format']:<14}{str(t['shape']):<18}{t['bytes']:>12,}")
+    _write_json(args.json, report)
+
+
+def cmd_generate(args) -> None:
+    import lowbit
+
+    print(lowbit.generate(args.model, args.prompt, max_new_tokens=args.max_new_tokens))
+
+
+def _add_eval_options(parser: argparse.ArgumentParser, windows_help: str) -> None:
+    parser.add_argument("--data", help="evaluation text: a .txt or .jsonl file or a directory of .txt (default: built-in sample)")
+    parser.add_argument("--windows", type=int, help=windows_help)
+    parser.add_argument("--window-length", type=int, default=512, help="tokens per window (default 512)")
+    parser.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (default 1)")
+    parser.add_argument("--json", help="also write the results to this JSON file")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from lowbit.api import DEFAULT_SCHEMES
+    from lowbit.plan import PRESETS
+    from lowbit.sources import DEFAULT_MODEL
+
+    parser = argparse.ArgumentParser(prog="lowbit", description="Make LLMs small and measure what it cost.")
+    parser.add_argument("--version", action="version", version=f"lowbit {__import__('lowbit').__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    model_help = f"a model directory, a GGUF file, a hub id, or {DEFAULT_MODEL} (the embedded default)"
+
+    p = sub.add_parser("quantize", help="quantize a model and save a native checkpoint")
+    p.add_argument("model", help=model_help)
+    p.add_argument("--scheme", "-s", default="int4-g128", help=f"preset ({', '.join(PRESETS)}), format name, or plan file (.yaml/.json); add +clip for the clipping search")
+    p.add_argument("--output", "-o", required=True, help="output directory")
+    p.add_argument("--overwrite", action="store_true", help="replace the output if it exists")
+    p.add_argument("--calibration", help="calibration text file (used by +clip to weight errors by activations)")
+    p.add_argument("--calibration-samples", type=int, default=128)
+    p.add_argument("--calibration-length", type=int, default=512)
+    p.add_argument("--device", help="where each layer is quantized (default: cuda if available, else cpu)")
+    p.set_defaults(run=cmd_quantize)
+
+    p = sub.add_parser("eval", help="perplexity, KL and top-1 against a reference, memory and speed")
+    p.add_argument("model", help=model_help + ", or a lowbit checkpoint")
+    p.add_argument("--reference", help="the unquantized model, for KL divergence and top-1 agreement")
+    _add_eval_options(p, "number of windows (default: as many as the text holds, at most 40)")
+    p.set_defaults(run=cmd_eval)
+
+    p = sub.add_parser("compare", help="quantize to several schemes and print the comparison table")
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=model_help + f" (default {DEFAULT_MODEL})")
+    p.add_argument("--schemes", help=f"comma-separated schemes (default {','.join(DEFAULT_SCHEMES)})")
+    p.add_argument("--calibration", help="calibration text file for schemes that use it")
+    p.add_argument("--device", help="where each layer is quantized")
+    _add_eval_options(p, "number of windows (default: as many as the text holds, at most 40)")
+    p.set_defaults(run=cmd_compare)
+
+    p = sub.add_parser("size", help="memory needed in every format, from config.json alone")
+    p.add_argument("model", help="a config.json file or a directory holding one")
+    p.add_argument("--context", type=int, default=4096, help="tokens of context for the KV cache (default 4096)")
+    p.add_argument("--batch", type=int, default=1, help="sequences at once (default 1)")
+    p.add_argument("--gpu-memory", help="memory to fit in, e.g. 24GB or 80GiB")
+    p.add_argument("--json", help="also write the report to this JSON file")
+    p.set_defaults(run=cmd_size)
+
+    p = sub.add_parser("inspect", help="what a checkpoint or GGUF file holds")
+    p.add_argument("path")
+    p.add_argument("--tensors", action="store_true", help="list every tensor")
+    p.add_argument("--json", help="also write the report to this JSON file")
+    p.set_defaults(run=cmd_inspect)
+
+    p = sub.add_parser("generate", help="see what a (quantized) model writes")
+    p.add_argument("model", help=model_help + ", or a lowbit checkpoint")
+    p.add_argument("--prompt", "-p", required=True)
+    p.add_argument("--max-new-tokens", "-n", type=int, default=64)
+    p.set_defaults(run=cmd_generate)
+    return parser
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    warnings.showwarning = _show_warning
+    try:
+        args.run(args)
+    except LowbitError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; nothing was written", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""What a model's weights take: bytes of every stored tensor, and bits per weight of its linears."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from lowbit.arch import decoder_layers
+from lowbit.nn import QuantLinear
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of all parameters and persistent buffers, each shared (tied) tensor counted once.
+
+    This is what a checkpoint of the model holds. (transformers' ``get_memory_footprint``
+    also counts non-persistent buffers such as rotary tables, which are not weights.)
+    """
+    seen = set()
+    total = 0
+    for tensor in list(model.state_dict().values()):
+        key = (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if key not in seen:
+            seen.add(key)
+            total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def linear_weight_stats(model: nn.Module) -> tuple[int, int]:
+    """``(bytes, weights)`` of the decoder layers' linear weights, quantized or not.
+
+    Quantized: the bytes of the QTensor parts (codes, scales, zeros). Dense: the weight
+    tensor. Biases are not weights here. These are the layers every preset quantizes, so
+    bits per weight computed from them compare like for like across schemes.
+    """
+    _, layers = decoder_layers(model)
+    total_bytes = total_weights = 0
+    for module in layers.modules():
+        if isinstance(module, QuantLinear):
+            q = module.qtensor
+            total_bytes += q.nbytes
+            total_weights += q.numel
+        elif isinstance(module, nn.Linear):
+            total_bytes += module.weight.numel() * module.weight.element_size()
+            total_weights += module.weight.numel()
+    return total_bytes, total_weights
+
+
+def bits_per_weight(model: nn.Module) -> float:
+    """Exact bits per weight of the decoder layers' linears, scales and zero points included."""
+    total_bytes, total_weights = linear_weight_stats(model)
+    return 8 * total_bytes / total_weights

@@ -1,0 +1,124 @@
+"""What a checkpoint or GGUF file holds, read from headers only (no weights are loaded).
+
+For each tensor: its name, format (a lowbit format for native checkpoints, the dtype for a
+plain transformers checkpoint, the ggml type for GGUF), logical shape, stored bytes and bits
+per weight; plus totals and the architecture.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections import defaultdict
+from pathlib import Path
+
+from lowbit.errors import LowbitError
+from lowbit.formats import get_format
+from lowbit.nn import PART_PREFIX
+from lowbit.sources import read_json, resolve_model
+
+
+def _safetensors_headers(directory: Path) -> dict[str, dict]:
+    headers = {}
+    for file in sorted(directory.glob("*.safetensors")):
+        with open(file, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(length))
+        header.pop("__metadata__", None)
+        headers.update(header)
+    return headers
+
+
+def _tensor_bytes(info: dict) -> int:
+    start, end = info["data_offsets"]
+    return end - start
+
+
+def _skeleton(config: dict):
+    """The model's modules on the meta device, to read each linear's logical shape."""
+    from transformers import AutoConfig
+
+    from lowbit.export.native import _empty_model
+
+    plain = {k: v for k, v in config.items() if k != "quantization_config"}
+    return _empty_model(AutoConfig.for_model(**plain))
+
+
+def _inspect_directory(path: Path, native: bool) -> dict:
+    config = read_json(path / "config.json")
+    headers = _safetensors_headers(path)
+    manifest = config.get("quantization_config", {}) if native else {}
+    skeleton = _skeleton(config) if manifest.get("modules") else None
+    tensors = []
+    for name, entry in manifest.get("modules", {}).items():
+        prefix = f"{name}.{PART_PREFIX}"
+        stored = sum(_tensor_bytes(headers.pop(key)) for key in [k for k in headers if k.startswith(prefix)])
+        fmt = get_format(entry["format"])
+        linear = skeleton.get_submodule(name)
+        shape = (linear.out_features, linear.in_features)
+        if fmt.storage_bytes(shape) != stored:
+            raise LowbitError(
+                f"{path}: {name} holds {stored} bytes, but {fmt.name} of shape {shape} takes "
+                f"{fmt.storage_bytes(shape)}; the checkpoint is corrupt"
+            )
+        tensors.append({"name": f"{name}.weight", "format": fmt.name, "shape": list(shape), "bytes": stored, "weights": shape[0] * shape[1]})
+    for name, info in headers.items():
+        count = 1
+        for dim in info["shape"]:
+            count *= dim
+        tensors.append({"name": name, "format": info["dtype"].lower(), "shape": info["shape"], "bytes": _tensor_bytes(info), "weights": count})
+    return {
+        "architecture": (config.get("architectures") or [config.get("model_type")])[0],
+        "model_type": config.get("model_type"),
+        "quantized_by": "lowbit" if native else None,
+        "source": manifest.get("source"),
+        "plan": (manifest.get("plan") or {}).get("name"),
+        "tensors": tensors,
+    }
+
+
+def _inspect_gguf(path: Path) -> dict:
+    from gguf import GGUFReader
+
+    reader = GGUFReader(path)
+    field = reader.fields.get("general.architecture")
+    architecture = bytes(field.parts[field.data[0]]).decode() if field else None
+    tensors = []
+    for tensor in reader.tensors:
+        shape = [int(d) for d in reversed(tensor.shape.tolist())]
+        tensors.append(
+            {"name": tensor.name, "format": f"gguf:{tensor.tensor_type.name}", "shape": shape,
+             "bytes": int(tensor.n_bytes), "weights": int(tensor.n_elements)}
+        )  # fmt: skip
+    return {"architecture": architecture, "model_type": architecture, "quantized_by": "gguf", "source": None, "plan": None, "tensors": tensors}
+
+
+def inspect_checkpoint(path: str | os.PathLike) -> dict:
+    """Summary and per-tensor listing of a native checkpoint, HF directory or GGUF file."""
+    source = resolve_model(path)
+    if source.kind == "hub":
+        raise LowbitError(f"inspect reads local files; {path} is not one")
+    if source.gguf_file:
+        report = _inspect_gguf(Path(source.path) / source.gguf_file)
+    else:
+        report = _inspect_directory(Path(source.path), native=source.kind == "native")
+    by_format: dict[str, dict] = defaultdict(lambda: {"tensors": 0, "weights": 0, "bytes": 0})
+    for tensor in report["tensors"]:
+        group = by_format[tensor["format"]]
+        group["tensors"] += 1
+        group["weights"] += tensor["weights"] or 0
+        group["bytes"] += tensor["bytes"]
+    for group in by_format.values():
+        group["bits_per_weight"] = 8 * group["bytes"] / group["weights"] if group["weights"] else None
+    total_bytes = sum(t["bytes"] for t in report["tensors"])
+    parameters = sum(t["weights"] or 0 for t in report["tensors"])
+    return {
+        "path": str(path),
+        "kind": source.kind,
+        **report,
+        "parameters": parameters,
+        "bytes": total_bytes,
+        "bits_per_weight": 8 * total_bytes / parameters if parameters else None,
+        "formats": dict(by_format),
+    }
