@@ -21,10 +21,11 @@ from torch import nn
 from lowbit.errors import LowbitError
 from lowbit.eval import bits_per_weight, evaluate_windows, reference_log_probs, weight_bytes
 from lowbit.eval.quality import fits_cache
-from lowbit.pipeline import quantize_model
+from lowbit.pipeline import plan_uses_statistics, quantize_model
 from lowbit.plan import Plan, resolve_scheme
 from lowbit.sources import (
     DEFAULT_MODEL,
+    builtin_calibration_path,
     load_model,
     load_text,
     random_windows,
@@ -58,9 +59,24 @@ def load(path: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dtype | str | Non
     return _model_and_tokenizer(path, dtype=dtype)[0]
 
 
+#: calibration windows drawn from the built-in calibration text (about 4,500 tokens)
+BUILTIN_CALIBRATION_SAMPLES = 16
+
+
 def calibration_tokens(tokenizer, data: str | os.PathLike, samples: int = 128, length: int = 512, seed: int = 0) -> torch.Tensor:
     """``samples`` calibration windows of ``length`` tokens at random starts of the text in ``data``."""
     return random_windows(tokenize(tokenizer, load_text(data)), samples, length, seed)
+
+
+def _calibration_for(plans: list[Plan], tokenizer, calibration, samples: int, length: int) -> torch.Tensor | None:
+    """Token ids for the plans' algorithms that use statistics: the user's, else the built-in text."""
+    if isinstance(calibration, torch.Tensor):
+        return calibration
+    if calibration is not None:
+        return calibration_tokens(tokenizer, calibration, samples, length)
+    if tokenizer is None or not any(plan_uses_statistics(plan) for plan in plans):
+        return None
+    return calibration_tokens(tokenizer, builtin_calibration_path(), BUILTIN_CALIBRATION_SAMPLES, length)
 
 
 def quantize(
@@ -80,15 +96,12 @@ def quantize(
     expect) or anything :func:`load` takes. ``scheme`` is a preset (``int4-g128``, ``nf4-dq`` …),
     a format name, either with ``+clip``, a plan file, or a :class:`~lowbit.plan.Plan`.
     ``calibration`` (a text file, or token ids ``(samples, length)``) feeds the algorithms that
-    use activation statistics, such as the clipping search.
+    use activation statistics, such as the clipping search; when they are in the plan and no
+    calibration is given, lowbit's built-in calibration text is used.
     """
     plan = resolve_scheme(scheme)
     model, tokenizer = _model_and_tokenizer(model, tokenizer)
-    tokens = None
-    if calibration is not None:
-        tokens = calibration if isinstance(calibration, torch.Tensor) else calibration_tokens(
-            tokenizer, calibration, calibration_samples, calibration_length
-        )
+    tokens = _calibration_for([plan], tokenizer, calibration, calibration_samples, calibration_length)
     return quantize_model(
         model, plan, calibration=tokens, device=device, progress=progress, source=getattr(model, "lowbit_source", None)
     )
@@ -167,7 +180,7 @@ def compare(
     if getattr(base, "lowbit_manifest", None) is not None:
         raise LowbitError("compare needs an unquantized model to quantize and to measure against")
     token_windows_ = evaluation_windows(tokenizer, data, windows, window_length)
-    calibration_ids = None if calibration is None else calibration_tokens(tokenizer, calibration)
+    calibration_ids = _calibration_for(plans, tokenizer, calibration, 128, window_length)
     vocab = base.get_output_embeddings().weight.shape[0]
     reference = reference_log_probs(base, token_windows_, batch_size, progress) if fits_cache(token_windows_, vocab) else base
     reference_row = {"scheme": f"reference ({_describe(base)['dtype']})", **_describe(base)}
@@ -190,7 +203,7 @@ def compare(
         "data": str(data or "built-in sample"),
         "windows": int(token_windows_.shape[0]),
         "window_length": int(token_windows_.shape[1]),
-        "calibration": None if calibration is None else str(calibration),
+        "calibration": None if calibration_ids is None else str(calibration or "built-in calibration text"),
         "bos": False,
         "rows": rows,
     }

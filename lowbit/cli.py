@@ -115,7 +115,7 @@ def cmd_generate(args) -> None:
 
 
 def _add_eval_options(parser: argparse.ArgumentParser, windows_help: str) -> None:
-    parser.add_argument("--data", help="evaluation text: a .txt or .jsonl file or a directory of .txt (default: built-in sample)")
+    parser.add_argument("--data", "--eval-data", dest="data", help="evaluation text: a .txt or .jsonl file or a directory of .txt (default: built-in sample)")
     parser.add_argument("--windows", type=int, help=windows_help)
     parser.add_argument("--window-length", type=int, default=512, help="tokens per window (default 512)")
     parser.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (default 1)")
@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scheme", "-s", default="int4-g128", help=f"preset ({', '.join(PRESETS)}), format name, or plan file (.yaml/.json); add +clip for the clipping search")
     p.add_argument("--output", "-o", required=True, help="output directory")
     p.add_argument("--overwrite", action="store_true", help="replace the output if it exists")
-    p.add_argument("--calibration", help="calibration text file (used by +clip to weight errors by activations)")
+    p.add_argument("--calibration", help="calibration text file for +clip (weights errors by activations; default: built-in text)")
     p.add_argument("--calibration-samples", type=int, default=128)
     p.add_argument("--calibration-length", type=int, default=512)
     p.add_argument("--device", help="where each layer is quantized (default: cuda if available, else cpu)")
@@ -152,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="quantize to several schemes and print the comparison table")
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=model_help + f" (default {DEFAULT_MODEL})")
     p.add_argument("--schemes", help=f"comma-separated schemes (default {','.join(DEFAULT_SCHEMES)})")
-    p.add_argument("--calibration", help="calibration text file for schemes that use it")
+    p.add_argument("--calibration", help="calibration text file for +clip schemes (default: built-in text)")
     p.add_argument("--device", help="where each layer is quantized")
     _add_eval_options(p, "number of windows (default: as many as the text holds, at most 40)")
     p.set_defaults(run=cmd_compare)

@@ -160,12 +160,18 @@ def _assign(model: nn.Module, plan: Plan) -> dict[str, Rule]:
     return assigned
 
 
-def _statistics_wanted(assigned: dict[str, Rule]) -> set[str]:
+def _statistics_wanted(rules) -> set[str]:
     wanted: set[str] = set()
-    for rule in assigned.values():
-        algorithm = get_algorithm(rule.algorithm)
-        wanted.update(algorithm.statistics(algorithm.check_options(rule.options)))
+    for rule in rules:
+        if rule.format is not None:
+            algorithm = get_algorithm(rule.algorithm)
+            wanted.update(algorithm.statistics(algorithm.check_options(rule.options)))
     return wanted
+
+
+def plan_uses_statistics(plan: Plan) -> bool:
+    """Whether any rule's algorithm would use calibration statistics."""
+    return bool(_statistics_wanted(plan.rules))
 
 
 @torch.no_grad()
@@ -189,7 +195,7 @@ def quantize_model(
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     layers_path, layers = decoder_layers(model)
     assigned = _assign(model, plan)
-    calibrate = calibration is not None and bool(_statistics_wanted(assigned))
+    calibrate = calibration is not None and bool(_statistics_wanted(assigned.values()))
     if calibration is not None and not calibrate:
         warnings.warn(f"plan {plan.name!r} uses no calibration statistics; the calibration text is ignored", stacklevel=2)
     state = capture_layer_inputs(model, layers_path, calibration, batch_size) if calibrate else None

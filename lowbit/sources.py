@@ -233,7 +233,13 @@ def load_tokenizer(source: ModelSource):
 
 
 def builtin_sample_path() -> Path:
+    """Original prose shipped with lowbit: the evaluation text when the user gives none."""
     return Path(__file__).parent / "data" / "sample.txt"
+
+
+def builtin_calibration_path() -> Path:
+    """Other original text (prose, dialogue, numbers, a little code): calibration by default."""
+    return Path(__file__).parent / "data" / "calibration.txt"
 
 
 def load_text(path: str | os.PathLike | None) -> str:
