@@ -31,6 +31,7 @@ def search_clip_ratio(
     """Per-group clip ratio (shaped ``fmt.clip_shape``) that minimises the weighted error."""
     w = weight.float()
     shape = (w.shape[0], w.shape[1])
+    fmt = fmt.search_format
     column_weight = None if importance is None else importance.float().to(w.device).reshape(1, -1)
     best_error = torch.full(fmt.clip_shape(shape), float("inf"), device=w.device)
     best_ratio = torch.ones_like(best_error)

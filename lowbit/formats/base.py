@@ -105,5 +105,12 @@ class Format(ABC):
         """Sum a ``(out, in)`` error over each scale group, shaped like :meth:`clip_shape`."""
         raise NotImplementedError(f"{self.name} has no clipping search")
 
+    @property
+    def search_format(self) -> Format:
+        """The format a clipping search scores candidates with: itself, unless its scales are
+        coupled across groups (NF4's double quantization), where groups could not be chosen
+        one by one."""
+        return self
+
     def __repr__(self) -> str:
         return f"<format {self.name}>"

@@ -31,7 +31,7 @@ class FloatFormat(Format):
         check_matrix(weight, self.name)
         if clip_ratio is not None:
             raise ValueError(f"{self.name} stores floats as they are; it has no clipping search")
-        return QTensor(self.name, (weight.shape[0], weight.shape[1]), {"data": weight.to(self.dtype).contiguous()})
+        return QTensor(self.name, (weight.shape[0], weight.shape[1]), {"data": weight.to(self.dtype, copy=True).contiguous()})
 
     def dequantize(self, qtensor: QTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return qtensor.parts["data"].to(dtype)

@@ -50,8 +50,10 @@ class MXFP4Format(Format):
         groups = Groups(shape[1], BLOCK)
         blocks = groups.split(weight.float())
         absmax = blocks.abs().amax(-1)
-        exponent = torch.floor(torch.log2(absmax.clamp(min=torch.finfo(torch.float32).tiny)))
-        exponent = (exponent - E2M1_MAX_EXPONENT).clamp(-127, 127)
+        # frexp reads floor(log2(absmax)) from the float's bits; log2 in float32 rounds up
+        # just below a power of two and would pick an exponent one too large
+        _, exponent = torch.frexp(absmax.clamp(min=torch.finfo(torch.float32).tiny))
+        exponent = (exponent.float() - 1 - E2M1_MAX_EXPONENT).clamp(-127, 127)
         scaled = (blocks / torch.exp2(exponent).unsqueeze(-1)).clamp(-6, 6)
         codes = round_to_e2m1(scaled.abs()) | ((scaled < 0).to(torch.int64) << 3)
         parts = {

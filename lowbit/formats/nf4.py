@@ -108,6 +108,12 @@ class NF4Format(Format):
     def clip_shape(self, shape: tuple[int, int]) -> tuple[int, ...]:
         return (shape[0], self._groups(shape).count)
 
+    @property
+    def search_format(self) -> NF4Format:
+        # double-quantized scales share an offset and a scale per 256 blocks: score each
+        # block with its exact scale, then double quantize the chosen ones
+        return NF4Format(self.block_size, False)
+
     def group_error(self, squared_error: torch.Tensor) -> torch.Tensor:
         return self._groups(tuple(squared_error.shape)).split(squared_error).sum(-1)
 
