@@ -14,6 +14,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from lowbit.errors import LowbitError
+from lowbit.export.native import check_stored_bytes, empty_model
 from lowbit.formats import get_format
 from lowbit.nn import PART_PREFIX
 from lowbit.sources import read_json, resolve_model
@@ -39,10 +40,8 @@ def _skeleton(config: dict):
     """The model's modules on the meta device, to read each linear's logical shape."""
     from transformers import AutoConfig
 
-    from lowbit.export.native import _empty_model
-
     plain = {k: v for k, v in config.items() if k != "quantization_config"}
-    return _empty_model(AutoConfig.for_model(**plain))
+    return empty_model(AutoConfig.for_model(**plain))
 
 
 def _inspect_directory(path: Path, native: bool) -> dict:
@@ -57,11 +56,7 @@ def _inspect_directory(path: Path, native: bool) -> dict:
         fmt = get_format(entry["format"])
         linear = skeleton.get_submodule(name)
         shape = (linear.out_features, linear.in_features)
-        if fmt.storage_bytes(shape) != stored:
-            raise LowbitError(
-                f"{path}: {name} holds {stored} bytes, but {fmt.name} of shape {shape} takes "
-                f"{fmt.storage_bytes(shape)}; the checkpoint is corrupt"
-            )
+        check_stored_bytes(path, name, fmt, shape, stored)
         tensors.append({"name": f"{name}.weight", "format": fmt.name, "shape": list(shape), "bytes": stored, "weights": shape[0] * shape[1]})
     for name, info in headers.items():
         count = 1

@@ -109,7 +109,16 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _empty_model(config) -> nn.Module:
+def check_stored_bytes(path: Path, name: str, fmt, shape: tuple[int, int], stored: int) -> None:
+    """A quantized module must hold exactly the bytes its format takes for its shape."""
+    if stored != fmt.storage_bytes(shape):
+        raise LowbitError(
+            f"{path}: {name} holds {stored} bytes, but {fmt.name} of shape {shape} takes "
+            f"{fmt.storage_bytes(shape)}; the checkpoint is corrupt"
+        )
+
+
+def empty_model(config) -> nn.Module:
     """The model's modules with parameters on the meta device and real buffers (rotary tables …)."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
@@ -129,7 +138,7 @@ def load_native(path: str | os.PathLike):
     if manifest.get("quant_method") != "lowbit":
         raise LowbitError(f"{path} is not a lowbit checkpoint (its config has no lowbit quantization_config)")
     config = AutoConfig.for_model(**config_dict)
-    model = _empty_model(config)
+    model = empty_model(config)
     tensors = _read_tensors(path)
     for name, entry in manifest["modules"].items():
         prefix = f"{name}.{PART_PREFIX}"
@@ -137,12 +146,7 @@ def load_native(path: str | os.PathLike):
         linear = model.get_submodule(name)
         shape = (linear.out_features, linear.in_features)
         fmt = get_format(entry["format"])
-        stored = sum(t.numel() * t.element_size() for t in parts.values())
-        if stored != fmt.storage_bytes(shape):
-            raise LowbitError(
-                f"{path}: {name} holds {stored} bytes, but {fmt.name} of shape {shape} takes "
-                f"{fmt.storage_bytes(shape)}; the checkpoint is corrupt"
-            )
+        check_stored_bytes(path, name, fmt, shape, sum(t.numel() * t.element_size() for t in parts.values()))
         bias = tensors.pop(f"{name}.bias", None)
         set_submodule(model, name, QuantLinear(shape[1], shape[0], fmt.name, parts, bias))
     result = model.load_state_dict(tensors, strict=False, assign=True)
