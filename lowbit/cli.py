@@ -32,12 +32,14 @@ def cmd_quantize(args) -> None:
     import lowbit
     from lowbit.eval import bits_per_weight, weight_bytes
     from lowbit.export.atomic import check_output
+    from lowbit.plan import resolve_scheme
 
     check_output(Path(args.output), args.overwrite)  # refuse before the slow part
+    plan = resolve_scheme(args.scheme)
     model = lowbit.load(args.model)
     before, before_bits = weight_bytes(model), bits_per_weight(model)
     lowbit.quantize(
-        model, args.scheme, calibration=args.calibration, calibration_samples=args.calibration_samples,
+        model, plan, calibration=args.calibration, calibration_samples=args.calibration_samples,
         calibration_length=args.calibration_length, device=args.device,
     )  # fmt: skip
     lowbit.save(model, args.output, overwrite=args.overwrite)
@@ -185,9 +187,10 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    warnings.showwarning = _show_warning
     try:
-        args.run(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            args.run(args)
     except LowbitError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -16,7 +16,7 @@ from pathlib import Path
 from lowbit.errors import LowbitError
 from lowbit.export.native import check_stored_bytes, empty_model
 from lowbit.formats import get_format
-from lowbit.nn import PART_PREFIX
+from lowbit.nn import PART_PREFIX, linear_shape
 from lowbit.sources import read_json, resolve_model
 
 
@@ -54,8 +54,7 @@ def _inspect_directory(path: Path, native: bool) -> dict:
         prefix = f"{name}.{PART_PREFIX}"
         stored = sum(_tensor_bytes(headers.pop(key)) for key in [k for k in headers if k.startswith(prefix)])
         fmt = get_format(entry["format"])
-        linear = skeleton.get_submodule(name)
-        shape = (linear.out_features, linear.in_features)
+        shape = linear_shape(skeleton.get_submodule(name))
         check_stored_bytes(path, name, fmt, shape, stored)
         tensors.append({"name": f"{name}.weight", "format": fmt.name, "shape": list(shape), "bytes": stored, "weights": shape[0] * shape[1]})
     for name, info in headers.items():

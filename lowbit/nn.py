@@ -68,6 +68,25 @@ class QuantLinear(nn.Module):
         )
 
 
+def is_linear(module: nn.Module) -> bool:
+    """nn.Linear, or transformers' Conv1D (GPT-2 style: the same map, weight stored transposed)."""
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def dense_weight(module: nn.Module) -> torch.Tensor:
+    """The ``(out_features, in_features)`` weight of a dense linear layer."""
+    return module.weight.data if isinstance(module, nn.Linear) else module.weight.data.t()
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int]:
+    """``(out_features, in_features)`` of a linear layer, dense or quantized."""
+    if isinstance(module, (nn.Linear, QuantLinear)):
+        return (module.out_features, module.in_features)
+    if is_linear(module):
+        return (module.weight.shape[1], module.weight.shape[0])
+    raise AttributeError(f"{type(module).__name__} is not a linear layer")
+
+
 def quantized_linears(model: nn.Module) -> dict[str, QuantLinear]:
     return {name: module for name, module in model.named_modules() if isinstance(module, QuantLinear)}
 

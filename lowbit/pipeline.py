@@ -29,7 +29,7 @@ from lowbit.algorithms import get_algorithm
 from lowbit.arch import base_model, decoder_layers
 from lowbit.errors import LowbitError
 from lowbit.formats import get_format
-from lowbit.nn import QuantLinear, set_submodule
+from lowbit.nn import QuantLinear, dense_weight, is_linear, set_submodule
 from lowbit.plan import Plan, Rule
 
 
@@ -139,15 +139,17 @@ def _input_statistics(layer: nn.Module, names: dict[str, str], run) -> dict[str,
 def _quantize_linear(model: nn.Module, name: str, rule: Rule, statistics: dict) -> dict:
     linear = model.get_submodule(name)
     fmt = get_format(rule.format)
-    qtensor = get_algorithm(rule.algorithm)(linear.weight.data, fmt, statistics, **rule.options)
+    qtensor = get_algorithm(rule.algorithm)(dense_weight(linear), fmt, statistics, **rule.options)
     set_submodule(model, name, QuantLinear.from_qtensor(qtensor, linear.bias))
     return {"format": rule.format, "algorithm": rule.algorithm, **rule.options}
 
 
 def _assign(model: nn.Module, plan: Plan) -> dict[str, Rule]:
-    linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    if getattr(model, "lowbit_manifest", None) is not None:
+        raise LowbitError("this model is already quantized by lowbit; start again from the unquantized model")
+    linears = [name for name, module in model.named_modules() if is_linear(module)]
     if not linears:
-        raise LowbitError("this model has no nn.Linear layers to quantize (is it already quantized?)")
+        raise LowbitError("this model has no linear layers to quantize")
     for rule in plan.unused_rules(linears):
         warnings.warn(f"plan rule {rule.pattern!r} matches no linear layer of this model", stacklevel=3)
     assigned = {}

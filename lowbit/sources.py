@@ -133,6 +133,8 @@ def check_safetensors(path: Path) -> None:
             header = json.loads(f.read(header_length))
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise LowbitError(f"{bad}: its header is not JSON (corrupt)") from None
+    if not isinstance(header, dict):
+        raise LowbitError(f"{bad}: its header is not a JSON object (corrupt)")
     data_size = size - 8 - header_length
     for name, info in header.items():
         if name == "__metadata__":
@@ -169,11 +171,17 @@ def check_gguf(path: Path) -> None:
 
     try:
         reader = GGUFReader(path)
-        data_end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+        spans = sorted((int(t.data_offset), int(t.data_offset) + int(t.n_bytes), t.name) for t in reader.tensors)
     except Exception as error:  # gguf-py raises many kinds on a damaged file
         raise LowbitError(f"{bad}: {type(error).__name__}: {error} (truncated or corrupt)") from None
-    if data_end > size:
-        raise LowbitError(f"{bad}: its tensors need {data_end} bytes, the file has {size} (truncated)")
+    names = [name for _, _, name in spans]
+    if "" in names or len(set(names)) != len(names):
+        raise LowbitError(f"{bad}: its tensor table has empty or repeated names (a wrong tensor count?)")
+    for (_, end, name), (start, _, following) in zip(spans, spans[1:]):
+        if end > start:
+            raise LowbitError(f"{bad}: tensors {name!r} and {following!r} overlap (corrupt)")
+    if spans and spans[-1][1] > size:
+        raise LowbitError(f"{bad}: its tensors need {spans[-1][1]} bytes, the file has {size} (truncated)")
 
 
 def load_model(
@@ -259,9 +267,12 @@ def load_text(path: str | os.PathLike | None) -> str:
         for number, line in enumerate(path.read_text().splitlines(), 1):
             if line.strip():
                 try:
-                    texts.append(json.loads(line)["text"])
+                    text = json.loads(line)["text"]
                 except (json.JSONDecodeError, KeyError, TypeError):
-                    raise LowbitError(f"{path}:{number} is not a JSON object with a 'text' field") from None
+                    text = None
+                if not isinstance(text, str):
+                    raise LowbitError(f"{path}:{number} is not a JSON object with a string 'text' field")
+                texts.append(text)
         return "\n\n".join(texts)
     return path.read_text(errors="replace")
 
@@ -278,6 +289,8 @@ def token_windows(tokens: torch.Tensor, windows: int, length: int, what: str = "
     """The first ``windows`` non-overlapping windows of ``length`` tokens, shape ``(n, length)``."""
     if length < 2:
         raise LowbitError(f"window length must be at least 2 tokens, got {length}")
+    if windows < 1:
+        raise LowbitError(f"the number of windows must be at least 1, got {windows}")
     available = tokens.numel() // length
     if available == 0:
         raise LowbitError(
@@ -292,7 +305,9 @@ def token_windows(tokens: torch.Tensor, windows: int, length: int, what: str = "
 
 def random_windows(tokens: torch.Tensor, samples: int, length: int, seed: int = 0) -> torch.Tensor:
     """``samples`` windows of ``length`` tokens at random starts (calibration), reproducibly."""
-    if tokens.numel() < length + 1:
+    if samples < 1 or length < 1:
+        raise LowbitError(f"calibration needs at least one sample of at least one token, got {samples} x {length}")
+    if tokens.numel() < length:
         raise LowbitError(
             f"the calibration text has {tokens.numel()} tokens, shorter than one sample of {length}; "
             "give more text or a shorter --calibration-length"

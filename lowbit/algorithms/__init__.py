@@ -30,6 +30,8 @@ class Algorithm:
     #: the statistics it uses with these options when calibration text is given; an
     #: algorithm that can run without them must (RTN does), one that cannot says so
     statistics: Callable[[dict], tuple[str, ...]] = lambda options: ()
+    #: checks option values, returning a sentence about the first bad one (None when all are fine)
+    validate: Callable[[dict], str | None] = lambda options: None
 
     def check_options(self, given: dict) -> dict:
         unknown = sorted(set(given) - set(self.options))
@@ -38,7 +40,11 @@ class Algorithm:
                 f"algorithm {self.name!r} has no option {', '.join(map(repr, unknown))}; "
                 f"its options are: {', '.join(self.options) or 'none'}"
             )
-        return {**self.options, **given}
+        options = {**self.options, **given}
+        problem = self.validate(options)
+        if problem:
+            raise LowbitError(f"algorithm {self.name!r}: {problem}")
+        return options
 
     def __call__(self, weight: torch.Tensor, fmt: Format, statistics: dict | None = None, **options) -> QTensor:
         return self.run(weight, fmt, statistics or {}, **self.check_options(options))

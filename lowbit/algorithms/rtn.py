@@ -63,11 +63,24 @@ def quantize_rtn(
     return fmt.quantize(weight, clip_ratio=ratio)
 
 
+def check_options(options: dict) -> str | None:
+    if not isinstance(options["clip_search"], bool):
+        return f"clip_search must be true or false, got {options['clip_search']!r}"
+    grid = options["clip_grid"]
+    if isinstance(grid, bool) or not isinstance(grid, int) or grid < 1:
+        return f"clip_grid must be a whole number of at least 1, got {grid!r}"
+    low = options["clip_min"]
+    if isinstance(low, bool) or not isinstance(low, (int, float)) or not 0 < low <= 1:
+        return f"clip_min must be a number in (0, 1], got {low!r}"
+    return None
+
+
 RTN = register(
     Algorithm(
         "rtn",
         quantize_rtn,
         options={"clip_search": False, "clip_grid": 20, "clip_min": 0.5},
         statistics=lambda options: ("input_mean_square",) if options["clip_search"] else (),
+        validate=check_options,
     )
 )

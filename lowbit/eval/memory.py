@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from lowbit.arch import decoder_layers
-from lowbit.nn import QuantLinear
+from lowbit.nn import QuantLinear, is_linear
 
 
 def weight_bytes(model: nn.Module) -> int:
@@ -38,7 +38,7 @@ def linear_weight_stats(model: nn.Module) -> tuple[int, int]:
             q = module.qtensor
             total_bytes += q.nbytes
             total_weights += q.numel
-        elif isinstance(module, nn.Linear):
+        elif is_linear(module):
             total_bytes += module.weight.numel() * module.weight.element_size()
             total_weights += module.weight.numel()
     return total_bytes, total_weights

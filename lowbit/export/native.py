@@ -31,7 +31,7 @@ from torch import nn
 from lowbit.errors import LowbitError
 from lowbit.export.atomic import atomic_directory
 from lowbit.formats import get_format
-from lowbit.nn import PART_PREFIX, QuantLinear, set_submodule
+from lowbit.nn import PART_PREFIX, QuantLinear, linear_shape, set_submodule
 from lowbit.sources import read_json
 
 MAX_SHARD_BYTES = 5 * 10**9
@@ -109,6 +109,17 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def check_parts(path: Path, name: str, fmt, shape: tuple[int, int], parts: dict[str, torch.Tensor]) -> None:
+    """A quantized module must hold exactly the parts its format stores, shapes and dtypes."""
+    expected = fmt.part_layout(shape)
+    found = {part: (tuple(t.shape), t.dtype) for part, t in parts.items()}
+    if found != expected:
+        raise LowbitError(
+            f"{path}: {name} should hold {fmt.name} parts {expected} for shape {shape}, "
+            f"found {found}; the checkpoint is corrupt"
+        )
+
+
 def check_stored_bytes(path: Path, name: str, fmt, shape: tuple[int, int], stored: int) -> None:
     """A quantized module must hold exactly the bytes its format takes for its shape."""
     if stored != fmt.storage_bytes(shape):
@@ -137,16 +148,21 @@ def load_native(path: str | os.PathLike):
     manifest = config_dict.pop("quantization_config", None) or {}
     if manifest.get("quant_method") != "lowbit":
         raise LowbitError(f"{path} is not a lowbit checkpoint (its config has no lowbit quantization_config)")
+    modules = manifest.get("modules")
+    if not isinstance(modules, dict) or not modules:
+        raise LowbitError(f"{path}: the manifest in config.json lists no quantized modules; the checkpoint is corrupt")
     config = AutoConfig.for_model(**config_dict)
     model = empty_model(config)
     tensors = _read_tensors(path)
-    for name, entry in manifest["modules"].items():
+    for name, entry in modules.items():
         prefix = f"{name}.{PART_PREFIX}"
         parts = {key[len(prefix) :]: tensors.pop(key) for key in list(tensors) if key.startswith(prefix)}
-        linear = model.get_submodule(name)
-        shape = (linear.out_features, linear.in_features)
+        try:
+            shape = linear_shape(model.get_submodule(name))
+        except AttributeError:
+            raise LowbitError(f"{path}: the manifest names {name!r}, which this model does not have; the checkpoint is corrupt") from None
         fmt = get_format(entry["format"])
-        check_stored_bytes(path, name, fmt, shape, sum(t.numel() * t.element_size() for t in parts.values()))
+        check_parts(path, name, fmt, shape, parts)
         bias = tensors.pop(f"{name}.bias", None)
         set_submodule(model, name, QuantLinear(shape[1], shape[0], fmt.name, parts, bias))
     result = model.load_state_dict(tensors, strict=False, assign=True)

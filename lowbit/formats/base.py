@@ -94,6 +94,11 @@ class Format(ABC):
     def storage_bytes(self, shape: tuple[int, int]) -> int:
         """Exact bytes of every stored part (codes, scales, zeros) for a weight of ``shape``."""
 
+    def part_layout(self, shape: tuple[int, int]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Name -> (shape, dtype) of every stored part, found by quantizing on the meta device."""
+        parts = self.quantize(torch.zeros(shape, device="meta")).parts
+        return {name: (tuple(t.shape), t.dtype) for name, t in parts.items()}
+
     def bits_per_weight(self, shape: tuple[int, int]) -> float:
         return 8 * self.storage_bytes(shape) / (shape[0] * shape[1])
 
