@@ -306,7 +306,7 @@ def token_windows(tokens: torch.Tensor, windows: int, length: int, what: str = "
 def random_windows(tokens: torch.Tensor, samples: int, length: int, seed: int = 0) -> torch.Tensor:
     """``samples`` windows of ``length`` tokens at random starts (calibration), reproducibly."""
     if samples < 1 or length < 1:
-        raise LowbitError(f"calibration needs at least one sample of at least one token, got {samples} x {length}")
+        raise LowbitError(f"calibration needs at least 1 sample of at least 1 token, got {samples} x {length}")
     if tokens.numel() < length:
         raise LowbitError(
             f"the calibration text has {tokens.numel()} tokens, shorter than one sample of {length}; "

@@ -1,0 +1,225 @@
+"""Evaluation (``lowbit/eval``): perplexity, KL divergence and top-1 agreement against a
+reference written out here in float64 (log-softmax by hand, NLL by gather, KL as
+sum p (log p - log q), argmax agreement); weight bytes and bits per weight against sizes
+computed by hand from each linear's shape."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+from tiny_models import tiny_model, tiny_tokens
+from torch import nn
+
+import lowbit
+from lowbit.eval import (
+    ReferenceLogProbs,
+    bits_per_weight,
+    evaluate_windows,
+    reference_log_probs,
+    weight_bytes,
+)
+from lowbit.eval.memory import linear_weight_stats
+from lowbit.formats import get_format
+
+EVALUATE_KEYS = {
+    "perplexity",
+    "kl_divergence",
+    "top1_agreement",
+    "weight_bytes",
+    "bits_per_weight",
+    "tokens_per_second",
+    "windows",
+    "window_length",
+}
+
+
+def log_softmax_by_hand(logits: torch.Tensor) -> torch.Tensor:
+    x = logits.double()
+    shifted = x - x.max(-1, keepdim=True).values
+    return shifted - shifted.exp().sum(-1, keepdim=True).log()
+
+
+def reference_metrics(model: nn.Module, windows: torch.Tensor, reference: nn.Module | None) -> dict:
+    with torch.no_grad():
+        q = log_softmax_by_hand(model(windows).logits)
+        p = None if reference is None else log_softmax_by_hand(reference(windows).logits)
+    targets = windows[:, 1:]
+    nll = -q[:, :-1].gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    result = {"perplexity": math.exp(nll.mean().item())}
+    if p is not None:
+        kl = (p.exp() * (p - q)).sum(-1)  # KL(reference || model) at every position
+        result["kl_divergence"] = kl.mean().item()
+        result["top1_agreement"] = (p.argmax(-1) == q.argmax(-1)).double().mean().item()
+    return result
+
+
+@pytest.fixture(scope="module")
+def models():
+    reference = tiny_model("llama")
+    quantized = lowbit.quantize(copy.deepcopy(reference), "int4-g32", progress=False)
+    return reference, quantized
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 3])
+def test_evaluate_windows_matches_reference(models, batch_size):
+    reference, quantized = models
+    windows = tiny_tokens(5, 20, seed=7)
+    result = evaluate_windows(quantized, windows, reference, batch_size=batch_size, progress=False)
+    expected = reference_metrics(quantized, windows, reference)
+    assert result["perplexity"] == pytest.approx(expected["perplexity"], rel=1e-5)
+    assert result["kl_divergence"] == pytest.approx(expected["kl_divergence"], rel=1e-4, abs=1e-7)
+    assert result["top1_agreement"] == pytest.approx(expected["top1_agreement"], abs=1e-12)
+    assert result["windows"] == 5 and result["window_length"] == 20
+    assert result["tokens_per_second"] > 0
+    # int4 is measurably different from the reference, and not wildly so
+    assert 0 < result["kl_divergence"] < 1
+    assert 0.3 < result["top1_agreement"] < 1
+
+
+def test_evaluate_windows_without_reference(models):
+    _, quantized = models
+    windows = tiny_tokens(3, 17, seed=2)
+    result = evaluate_windows(quantized, windows, None, progress=False)
+    assert result["perplexity"] == pytest.approx(reference_metrics(quantized, windows, None)["perplexity"], rel=1e-5)
+    assert result["kl_divergence"] is None and result["top1_agreement"] is None
+
+
+def test_model_against_itself(models):
+    reference, _ = models
+    windows = tiny_tokens(3, 16, seed=3)
+    result = evaluate_windows(reference, windows, reference, batch_size=2, progress=False)
+    assert result["kl_divergence"] == 0.0
+    assert result["top1_agreement"] == 1.0
+    assert result["perplexity"] == evaluate_windows(reference, windows, None, batch_size=2, progress=False)["perplexity"]
+    # a random model on random tokens: perplexity near the vocabulary size, not near 1
+    assert 100 < result["perplexity"] < 1000
+
+
+@pytest.mark.parametrize("batch_size", [1, 2])
+def test_cached_reference_gives_the_same_numbers(models, batch_size):
+    reference, quantized = models
+    windows = tiny_tokens(4, 12, seed=5)
+    cache = reference_log_probs(reference, windows, batch_size, progress=False)
+    assert isinstance(cache, ReferenceLogProbs)
+    assert len(cache.log_probs) == math.ceil(4 / batch_size)
+    assert torch.allclose(torch.cat(cache.log_probs).double(), log_softmax_by_hand(reference(windows).logits), atol=1e-5)
+    cached = evaluate_windows(quantized, windows, cache, batch_size, progress=False)
+    direct = evaluate_windows(quantized, windows, reference, batch_size, progress=False)
+    for key in ("perplexity", "kl_divergence", "top1_agreement", "windows", "window_length"):
+        assert cached[key] == direct[key], key
+
+
+def test_cached_reference_refuses_other_windows(models):
+    reference, quantized = models
+    windows = tiny_tokens(4, 12, seed=5)
+    cache = reference_log_probs(reference, windows, 2, progress=False)
+    with pytest.raises(ValueError, match="other windows or batches"):
+        evaluate_windows(quantized, tiny_tokens(4, 12, seed=6), cache, 2, progress=False)
+    with pytest.raises(ValueError, match="other windows or batches"):
+        evaluate_windows(quantized, windows, cache, 1, progress=False)
+
+
+# -- memory --------------------------------------------------------------------------------
+
+
+def test_weight_bytes_counts_tied_tensors_once():
+    tied = tiny_model("llama")
+    untied = tiny_model("llama", tie_word_embeddings=False)
+    assert tied.lm_head.weight is tied.get_input_embeddings().weight
+    vocab, hidden = tied.get_input_embeddings().weight.shape
+    by_hand = sum(p.numel() * 4 for p in untied.parameters())
+    assert weight_bytes(untied) == by_hand
+    assert weight_bytes(tied) == by_hand - vocab * hidden * 4
+    assert weight_bytes(tied) == sum(p.numel() * p.element_size() for p in tied.parameters())  # parameters() dedups
+
+
+def test_weight_bytes_and_bits_of_a_quantized_model():
+    model = tiny_model("qwen2")  # untied, with biases
+    assert bits_per_weight(model) == 32.0
+    shapes = {name: tuple(m.weight.shape) for name, m in model.model.layers.named_modules() if isinstance(m, nn.Linear)}
+    dense_total = weight_bytes(model)
+    lowbit.quantize(model, "int4-g32", progress=False)
+
+    def int4_g32_bytes(out_features, in_features):
+        """Asymmetric int4 in groups of 32: 4-bit codes, a float16 scale and a 4-bit zero per group."""
+        groups = math.ceil(in_features / 32)
+        return out_features * (math.ceil(in_features / 2) + 2 * groups + math.ceil(groups / 2))
+
+    packed = sum(int4_g32_bytes(*s) for s in shapes.values())
+    assert packed == sum(get_format("int4-g32").storage_bytes(s) for s in shapes.values())
+    weights = sum(o * i for o, i in shapes.values())
+    assert linear_weight_stats(model) == (packed, weights)
+    assert bits_per_weight(model) == 8 * packed / weights
+    # 96 and 200 input features: 3 and 7 groups (the last partial), so more than 4.5 bits
+    assert 4.6 < bits_per_weight(model) < 4.8
+    assert weight_bytes(model) == dense_total - 4 * weights + packed
+
+
+# -- the API ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def native_dir(tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval") / "tiny-int4"
+    lowbit.save(lowbit.quantize(lowbit.load(tiny_model_dir), "int4-g32", progress=False), out)
+    return out
+
+
+def test_evaluate_paths_against_reference(native_dir, tiny_model_dir, eval_text_file, byte_tokenizer):
+    result = lowbit.evaluate(
+        native_dir, reference=tiny_model_dir, data=eval_text_file, windows=3, window_length=32, progress=False
+    )
+    assert EVALUATE_KEYS <= set(result)
+    json.loads(json.dumps(result))  # JSON-serialisable as it is
+    assert result["windows"] == 3 and result["window_length"] == 32
+    assert result["data"] == str(eval_text_file) and result["bos"] is False
+    # the same numbers from our own reference on the first 3 windows of the text's tokens
+    ids = byte_tokenizer(eval_text_file.read_text(), add_special_tokens=False)["input_ids"]
+    windows = torch.tensor(ids[: 3 * 32]).reshape(3, 32)
+    quantized, reference = lowbit.load(native_dir), lowbit.load(tiny_model_dir)
+    expected = reference_metrics(quantized, windows, reference)
+    assert result["perplexity"] == pytest.approx(expected["perplexity"], rel=1e-5)
+    assert result["kl_divergence"] == pytest.approx(expected["kl_divergence"], rel=1e-4, abs=1e-7)
+    assert result["top1_agreement"] == pytest.approx(expected["top1_agreement"], abs=1e-12)
+    assert result["weight_bytes"] == weight_bytes(quantized)
+    assert result["bits_per_weight"] == bits_per_weight(quantized)
+    assert result["dtype"] == "float32" and result["device"] == "cpu"
+
+
+def test_evaluate_default_windows_and_too_few(tiny_model_dir, eval_text_file, byte_tokenizer):
+    tokens = len(byte_tokenizer(eval_text_file.read_text(), add_special_tokens=False)["input_ids"])
+    result = lowbit.evaluate(tiny_model_dir, data=eval_text_file, window_length=64, progress=False)
+    assert result["windows"] == min(40, tokens // 64)
+    assert result["kl_divergence"] is None
+    with pytest.warns(UserWarning, match=f"holds {tokens // 64} windows of 64 tokens"):
+        result = lowbit.evaluate(tiny_model_dir, data=eval_text_file, windows=1000, window_length=64, progress=False)
+    assert result["windows"] == tokens // 64
+
+
+def test_evaluate_text_shorter_than_a_window(tiny_model_dir, tmp_path):
+    (tmp_path / "short.txt").write_text("too short")
+    with pytest.raises(lowbit.LowbitError, match="has 9 tokens, shorter than one window of 32"):
+        lowbit.evaluate(tiny_model_dir, data=tmp_path / "short.txt", window_length=32, progress=False)
+
+
+def test_evaluate_needs_a_tokenizer(tiny_model_dir, eval_text_file):
+    model = tiny_model("llama")  # a module without a tokenizer
+    with pytest.raises(lowbit.LowbitError, match="no tokenizer"):
+        lowbit.evaluate(model, data=eval_text_file, window_length=16, progress=False)
+
+
+def test_compare_refuses_a_quantized_model(native_dir):
+    with pytest.raises(lowbit.LowbitError, match="needs an unquantized model"):
+        lowbit.compare(native_dir, ["int8"], progress=False)
+
+
+def test_compare_refuses_a_bad_scheme_before_loading(monkeypatch):
+    from lowbit import api
+
+    monkeypatch.setattr(api, "load_model", lambda *a, **k: pytest.fail("loaded a model for a bad scheme"))
+    with pytest.raises(lowbit.LowbitError, match="unknown scheme 'int4-g12x'"):
+        lowbit.compare("anything", ["int8", "int4-g12x"])
