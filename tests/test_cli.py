@@ -19,6 +19,7 @@ from lowbit.cli import main
 from lowbit.eval import bits_per_weight, weight_bytes
 from lowbit.nn import quantized_linears
 from lowbit.plan import PRESETS
+from test_eval import EVALUATE_KEYS
 
 REPO = Path(__file__).resolve().parents[1]
 LLAMA_8B = REPO / "tests" / "data" / "configs" / "Meta-Llama-3-8B"
@@ -119,16 +120,7 @@ def test_eval(quantized_dir, tiny_model_dir, eval_text_file, tmp_path, cli):
     )  # fmt: skip
     assert status == 0, err
     result = json.loads(report.read_text())
-    assert {
-        "perplexity",
-        "kl_divergence",
-        "top1_agreement",
-        "weight_bytes",
-        "bits_per_weight",
-        "tokens_per_second",
-        "windows",
-        "window_length",
-    } <= set(result)
+    assert EVALUATE_KEYS <= set(result)
     assert result["windows"] == 2 and result["window_length"] == 16
     assert result["scheme"] == quantized_dir.name
     assert 1 < result["perplexity"] < 1000
