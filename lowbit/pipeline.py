@@ -227,6 +227,8 @@ def quantize_model(
 
     for name, rule in assigned.items():  # linears outside the decoder layers (lm_head …)
         if name not in done:
+            if calibrate and _statistics_wanted([rule]):
+                warnings.warn(f"{name} is outside the decoder layers: it is quantized without calibration statistics", stacklevel=2)
             done[name] = _quantize_linear(model, name, rule, {})
     if "lm_head" in done and getattr(model.config, "tie_word_embeddings", False):
         model.config.tie_word_embeddings = False  # the embedding keeps its dense weight

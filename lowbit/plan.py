@@ -166,6 +166,22 @@ def preset_plan(scheme: str) -> Plan:
     return Plan([Rule(name, None) for name in PRESET_KEEP] + [rule], scheme)
 
 
+def _unique_keys(pairs: list) -> dict:
+    keys = [key for key, _ in pairs]
+    repeated = sorted({key for key in keys if keys.count(key) > 1})
+    if repeated:
+        raise ValueError(f"pattern {repeated[0]!r} appears twice; rules are ordered, give each pattern once")
+    return dict(pairs)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a mapping that repeats a key (it would silently drop a rule)."""
+
+    def construct_mapping(self, node, deep=False):
+        pairs = [(self.construct_object(k, deep=deep), self.construct_object(v, deep=deep)) for k, v in node.value]
+        return _unique_keys(pairs)
+
+
 def load_plan_file(path: str | Path) -> Plan:
     path = Path(path)
     try:
@@ -173,11 +189,17 @@ def load_plan_file(path: str | Path) -> Plan:
     except OSError as error:
         raise LowbitError(f"cannot read plan file {path}: {error.strerror}") from None
     try:
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as error:
+        data = json.loads(text, object_pairs_hook=_unique_keys) if path.suffix == ".json" else yaml.load(text, _UniqueKeyLoader)
+    except (json.JSONDecodeError, yaml.YAMLError, ValueError) as error:
         raise LowbitError(f"plan file {path} is not valid {path.suffix[1:].upper()}: {error}") from None
     if isinstance(data, dict) and "rules" in data:
         data = data["rules"]
+    if isinstance(data, list) and data and all(isinstance(entry, dict) for entry in data):
+        # the form Plan.to_dict writes (a checkpoint manifest's plan)
+        try:
+            return Plan.from_dict({"rules": data, "name": path.name})
+        except (KeyError, TypeError, AttributeError):
+            raise LowbitError(f"plan file {path}: a list of rules needs 'pattern' and 'format' in every entry") from None
     if not isinstance(data, dict) or not data:
         raise LowbitError(
             f"plan file {path} must map glob patterns to formats, e.g. {{'lm_head': 'keep', '*': 'int4-g128'}}"

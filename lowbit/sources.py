@@ -141,6 +141,8 @@ def check_safetensors(path: Path) -> None:
             continue
         try:
             start, end = info["data_offsets"]
+            if not all(isinstance(v, int) and not isinstance(v, bool) for v in (start, end)):
+                raise TypeError
             expected = _SAFETENSORS_DTYPE_BYTES.get(info["dtype"], 0)
             for dim in info["shape"]:
                 expected *= dim

@@ -32,7 +32,7 @@ from lowbit.errors import LowbitError
 from lowbit.export.atomic import atomic_directory
 from lowbit.formats import get_format
 from lowbit.nn import PART_PREFIX, QuantLinear, linear_shape, set_submodule
-from lowbit.sources import read_json
+from lowbit.sources import check_safetensors, read_json
 
 MAX_SHARD_BYTES = 5 * 10**9
 INDEX_FILE = "model.safetensors.index.json"
@@ -103,6 +103,7 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     files = sorted(path.glob("*.safetensors"))
     tensors: dict[str, torch.Tensor] = {}
     for file in files:
+        check_safetensors(file)
         with safe_open(file, framework="pt") as f:
             for key in f.keys():
                 tensors[key] = f.get_tensor(key)
