@@ -87,6 +87,19 @@ def linear_shape(module: nn.Module) -> tuple[int, int]:
     raise AttributeError(f"{type(module).__name__} is not a linear layer")
 
 
+def unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with every shared (tied) tensor kept once, under its first name:
+    what a checkpoint stores and what the model's weights take."""
+    seen: set[tuple] = set()
+    state = {}
+    for name, tensor in model.state_dict().items():
+        key = (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if key not in seen:
+            seen.add(key)
+            state[name] = tensor
+    return state
+
+
 def quantized_linears(model: nn.Module) -> dict[str, QuantLinear]:
     return {name: module for name, module in model.named_modules() if isinstance(module, QuantLinear)}
 

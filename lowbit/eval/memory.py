@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from lowbit.arch import decoder_layers
-from lowbit.nn import QuantLinear, is_linear
+from lowbit.nn import QuantLinear, is_linear, unique_state_dict
 
 
 def weight_bytes(model: nn.Module) -> int:
@@ -14,14 +14,7 @@ def weight_bytes(model: nn.Module) -> int:
     This is what a checkpoint of the model holds. (transformers' ``get_memory_footprint``
     also counts non-persistent buffers such as rotary tables, which are not weights.)
     """
-    seen = set()
-    total = 0
-    for tensor in list(model.state_dict().values()):
-        key = (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
-        if key not in seen:
-            seen.add(key)
-            total += tensor.numel() * tensor.element_size()
-    return total
+    return sum(t.numel() * t.element_size() for t in unique_state_dict(model).values())
 
 
 def linear_weight_stats(model: nn.Module) -> tuple[int, int]:

@@ -31,24 +31,11 @@ from torch import nn
 from lowbit.errors import LowbitError
 from lowbit.export.atomic import atomic_directory
 from lowbit.formats import get_format
-from lowbit.nn import PART_PREFIX, QuantLinear, linear_shape, set_submodule
+from lowbit.nn import PART_PREFIX, QuantLinear, linear_shape, set_submodule, unique_state_dict
 from lowbit.sources import check_safetensors, read_json
 
 MAX_SHARD_BYTES = 5 * 10**9
 INDEX_FILE = "model.safetensors.index.json"
-
-
-def _unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict with every shared (tied) tensor kept once, under its first name."""
-    seen: dict[tuple, str] = {}
-    state = {}
-    for name, tensor in model.state_dict().items():
-        key = (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
-        if key in seen:
-            continue
-        seen[key] = name
-        state[name] = tensor.detach().contiguous()
-    return state
 
 
 def _shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
@@ -81,7 +68,7 @@ def save_native(
         config = model.config.to_dict()
         config["quantization_config"] = manifest
         (temporary / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
-        shards = _shards(_unique_state(model), max_shard_bytes)
+        shards = _shards({k: t.detach().contiguous() for k, t in unique_state_dict(model).items()}, max_shard_bytes)
         if len(shards) == 1:
             save_file(shards[0], temporary / "model.safetensors", metadata={"format": "pt"})
         else:
