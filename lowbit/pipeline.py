@@ -1,36 +1,42 @@
-"""The pipeline: walk the decoder layers in order and quantize each layer's linears.
+"""The pipeline: walk the decoder layers in order and let the plan's algorithms quantize them.
 
-For each layer: move it to the work device; if an algorithm of the plan uses calibration
-statistics and calibration tokens were given, run the layer's calibration inputs through it
-while forward hooks on its linears collect those statistics (in float32); quantize the
-linears; run the inputs again through the *quantized* layer to produce the next layer's
-inputs, so each layer is calibrated on what it will really receive; move it back. Only one
-layer and the calibration activations are on the device at a time.
+For each layer: bring its weights in (from disk, when the model was loaded lazily) and move
+it to the work device; hand it, as a :class:`LayerBlock`, to the handler of each algorithm
+the plan assigns to its linears; put a :class:`~lowbit.nn.QuantLinear` in place of every
+linear that got a QTensor (the dense weight goes with the module it belonged to); run the
+calibration inputs through the *quantized* layer to produce the next layer's inputs, so
+each layer is calibrated on what it will really receive; move it back. Only one layer's
+float weights and the calibration activations are held at a time.
 
 Layer inputs are captured by running the model's base module once per batch with every
 decoder layer replaced by a recorder that stores its arguments (hidden states, attention
 mask, rotary embeddings …) and passes the hidden states through. Recording every layer, not
 just the first, keeps per-layer arguments right for models that alternate attention kinds
 (Gemma 2's sliding-window layers get their own mask). No fx tracing: the real modules run.
+
+Statistics an algorithm asks for are collected by forward hooks, one collector per input
+that linears share (the architecture table's input groups), in float32 on the work device.
 """
 
 from __future__ import annotations
 
 import time
 import warnings
+from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-import lowbit
-from lowbit.algorithms import get_algorithm
-from lowbit.arch import base_model, decoder_layers
+from lowbit.algorithms import AlgorithmConfig, InputStatistics, handler_for
+from lowbit.arch import base_model, decoder_layers, input_groups_of
+from lowbit.device import resolve_device
 from lowbit.errors import LowbitError
-from lowbit.formats import get_format
+from lowbit.formats import Format
 from lowbit.nn import QuantLinear, dense_weight, is_linear, set_submodule
 from lowbit.plan import Plan, Rule
+from lowbit.version import __version__
 
 
 @dataclass
@@ -91,7 +97,6 @@ def capture_layer_inputs(model: nn.Module, layers_path: str, tokens: torch.Tenso
     originals = list(layers)
     calls: list[list[LayerCall]] = [[] for _ in originals]
     hidden: list[torch.Tensor] = []
-    first_call = calls[0]
 
     def keep_hidden(_module, args, kwargs):
         hidden.append(args[0] if args else kwargs["hidden_states"])
@@ -108,40 +113,75 @@ def capture_layer_inputs(model: nn.Module, layers_path: str, tokens: torch.Tenso
     finally:
         for index, layer in enumerate(originals):
             layers[index] = layer
-    assert len(hidden) == len(first_call)
+    assert len(hidden) == len(calls[0])
     return Calibration(hidden, calls)
 
 
-def _input_statistics(layer: nn.Module, names: dict[str, str], run) -> dict[str, dict[str, torch.Tensor]]:
-    """Run ``run()`` with hooks that accumulate each named linear's input mean square."""
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-    handles = []
+class LayerBlock:
+    """One decoder layer on the work device, as the algorithms see it (``algorithms.Block``)."""
 
-    def hook(full_name):
-        def accumulate(_module, inputs, _output):
-            x = inputs[0].detach().float().reshape(-1, inputs[0].shape[-1])
-            sums[full_name] = sums.get(full_name, 0) + x.square().sum(0)
-            counts[full_name] = counts.get(full_name, 0) + x.shape[0]
+    def __init__(
+        self, index: int, layer: nn.Module, device: torch.device, groups: list[tuple[str, ...]], state: Calibration | None
+    ) -> None:
+        self.index = index
+        self.layer = layer
+        self.device = device
+        self.groups = groups
+        self._state = state
+        self.hidden = state.hidden if state is not None else None
 
-        return accumulate
+    def weight(self, name: str) -> torch.Tensor:
+        return dense_weight(self.layer.get_submodule(name))
 
-    for local, full in names.items():
-        handles.append(layer.get_submodule(local).register_forward_hook(hook(full)))
-    try:
-        run()
-    finally:
-        for handle in handles:
-            handle.remove()
-    return {name: {"input_mean_square": sums[name] / counts[name]} for name in sums}
+    def run(self) -> list[torch.Tensor]:
+        if self._state is None:
+            raise LowbitError("this block has no calibration inputs to run")
+        calls = self._state.calls[self.index]
+        return [
+            _layer_output(self.layer(h.to(self.device), *_to(c.args, self.device), **_to(c.kwargs, self.device))).to(h.device)
+            for h, c in zip(self._state.hidden, calls)
+        ]
+
+    def collect(self, kinds: frozenset[str], names: list[str]) -> dict[str, InputStatistics]:
+        """Run the layer with one hook per shared input of ``names``; every linear of a group
+        gets the same :class:`InputStatistics`."""
+        wanted = set(names)
+        collectors: dict[str, InputStatistics] = {}
+        handles = []
+        for group in self.groups:
+            members = [name for name in group if name in wanted]
+            if not members:
+                continue
+            first = self.layer.get_submodule(group[0])
+            statistics = InputStatistics(kinds, first.in_features if hasattr(first, "in_features") else dense_weight(first).shape[1])
+            collectors.update(dict.fromkeys(members, statistics))
+            handles.append(first.register_forward_hook(lambda _m, inputs, _o, s=statistics: s.add(inputs[0])))
+        try:
+            self.run()
+        finally:
+            for handle in handles:
+                handle.remove()
+        return collectors
 
 
-def _quantize_linear(model: nn.Module, name: str, rule: Rule, statistics: dict) -> dict:
-    linear = model.get_submodule(name)
-    fmt = get_format(rule.format)
-    qtensor = get_algorithm(rule.algorithm)(dense_weight(linear), fmt, statistics, **rule.options)
-    set_submodule(model, name, QuantLinear.from_qtensor(qtensor, linear.bias))
-    return {"format": rule.format, "algorithm": rule.algorithm, **rule.options}
+class _OutsideBlock:
+    """Linears outside the decoder layers (``lm_head`` …): their weights, no calibration inputs."""
+
+    index = -1
+    hidden = None
+
+    def __init__(self, model: nn.Module, device: torch.device) -> None:
+        self.model = model
+        self.device = device
+
+    def weight(self, name: str) -> torch.Tensor:
+        return dense_weight(self.model.get_submodule(name)).to(self.device)
+
+    def run(self) -> list[torch.Tensor]:
+        raise LowbitError("linears outside the decoder layers have no calibration inputs")
+
+    def collect(self, kinds, names):
+        raise LowbitError("linears outside the decoder layers have no calibration inputs")
 
 
 def _assign(model: nn.Module, plan: Plan) -> dict[str, Rule]:
@@ -162,18 +202,27 @@ def _assign(model: nn.Module, plan: Plan) -> dict[str, Rule]:
     return assigned
 
 
-def _statistics_wanted(rules) -> set[str]:
-    wanted: set[str] = set()
-    for rule in rules:
-        if rule.format is not None:
-            algorithm = get_algorithm(rule.algorithm)
-            wanted.update(algorithm.statistics(algorithm.check_options(rule.options)))
-    return wanted
-
-
 def plan_uses_statistics(plan: Plan) -> bool:
     """Whether any rule's algorithm would use calibration statistics."""
-    return bool(_statistics_wanted(plan.rules))
+    return any(rule.config.statistics() for rule in plan.rules if rule.format is not None)
+
+
+def _quantize(model: nn.Module, block, prefix: str, targets: dict[str, Rule]) -> dict[str, dict]:
+    """Run each algorithm's handler on its targets in ``block``, then install the QuantLinears."""
+    by_config: dict[AlgorithmConfig, dict[str, Format]] = defaultdict(dict)
+    for name, rule in targets.items():
+        by_config[rule.config][name[len(prefix) :]] = rule.format
+    qtensors = {}
+    for config, formats in by_config.items():
+        qtensors.update(handler_for(config)(config, block, formats))
+    done = {}
+    for local, qtensor in qtensors.items():
+        name = prefix + local
+        linear = model.get_submodule(name)
+        set_submodule(model, name, QuantLinear.from_qtensor(qtensor, linear.bias))
+        rule = targets[name]
+        done[name] = {"format": rule.format.name, "spec": rule.format.spec(), "algorithm": rule.algorithm, **rule.options}
+    return done
 
 
 @torch.no_grad()
@@ -191,13 +240,19 @@ def quantize_model(
 
     ``calibration`` is a ``(samples, length)`` tensor of token ids, used only by algorithms
     that take statistics. ``device`` is where each layer is worked on (default: CUDA when
-    available, else CPU); the model stays where it is.
+    available, else CPU); the model stays where it is. A model loaded lazily
+    (``model.lowbit_weights``) has each layer's weights read from disk just before its turn.
     """
     start = time.perf_counter()
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device)
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise LowbitError(f"batch size must be a whole number of at least 1, got {batch_size!r}")
     layers_path, layers = decoder_layers(model)
+    lazy = getattr(model, "lowbit_weights", None)
+    if lazy is not None:
+        lazy.materialize_outside(f"{layers_path}.")
     assigned = _assign(model, plan)
-    calibrate = calibration is not None and bool(_statistics_wanted(assigned.values()))
+    calibrate = calibration is not None and any(rule.config.statistics() for rule in assigned.values())
     if calibration is not None and not calibrate:
         warnings.warn(f"plan {plan.name!r} uses no calibration statistics; the calibration text is ignored", stacklevel=2)
     state = capture_layer_inputs(model, layers_path, calibration, batch_size) if calibrate else None
@@ -205,37 +260,35 @@ def quantize_model(
     done: dict[str, dict] = {}
     for index, layer in enumerate(tqdm(layers, desc=f"quantizing ({plan.name})", unit="layer", disable=not progress)):
         prefix = f"{layers_path}.{index}."
+        if lazy is not None:
+            lazy.materialize(prefix)
         targets = {name: rule for name, rule in assigned.items() if name.startswith(prefix)}
         home = next(layer.parameters()).device
         layer.to(device)
-        statistics: dict = {}
-        if state is not None:
-            calls = state.calls[index]
-
-            def run_layer() -> list[torch.Tensor]:
-                return [
-                    _layer_output(layer(h.to(device), *_to(c.args, device), **_to(c.kwargs, device))).to(h.device)
-                    for h, c in zip(state.hidden, calls)
-                ]
-
-            statistics = _input_statistics(layer, {n[len(prefix) :]: n for n in targets}, run_layer)
-        for name, rule in targets.items():
-            done[name] = _quantize_linear(model, name, rule, statistics.get(name, {}))
+        groups = [group.linears for group in input_groups_of(model, layer)]
+        block = LayerBlock(index, layer, device, groups, state)
+        done.update(_quantize(model, block, prefix, targets))
         if state is not None and index + 1 < len(layers):
-            state.hidden = run_layer()
+            state.hidden = block.run()
         layer.to(home)
+    if lazy is not None:
+        del model.lowbit_weights
 
-    for name, rule in assigned.items():  # linears outside the decoder layers (lm_head …)
-        if name not in done:
-            if calibrate and _statistics_wanted([rule]):
-                warnings.warn(f"{name} is outside the decoder layers: it is quantized without calibration statistics", stacklevel=2)
-            done[name] = _quantize_linear(model, name, rule, {})
+    outside = {name: rule for name, rule in assigned.items() if name not in done}
+    for name, rule in outside.items():  # linears outside the decoder layers (lm_head …)
+        if calibrate and rule.config.statistics():
+            warnings.warn(f"{name} is outside the decoder layers: it is quantized without calibration statistics", stacklevel=2)
+    if outside:
+        done.update(_quantize(model, _OutsideBlock(model, device), "", outside))
+        home = model.get_input_embeddings().weight.device
+        for name in outside:
+            model.get_submodule(name).to(home)
     if "lm_head" in done and getattr(model.config, "tie_word_embeddings", False):
         model.config.tie_word_embeddings = False  # the embedding keeps its dense weight
 
     model.lowbit_manifest = {
         "quant_method": "lowbit",
-        "lowbit_version": lowbit.__version__,
+        "lowbit_version": __version__,
         "source": source,
         "plan": plan.to_dict(),
         "calibration": None if not calibrate else {"samples": int(calibration.shape[0]), "length": int(calibration.shape[1])},

@@ -31,11 +31,13 @@ from pathlib import Path
 
 import yaml
 
-from lowbit.algorithms import get_algorithm
+from lowbit.algorithms import AlgorithmConfig, RTNConfig, config_class
 from lowbit.errors import LowbitError, UnknownNameError
-from lowbit.formats import NAME_GRAMMAR, get_format
+from lowbit.formats import NAME_GRAMMAR, Format, get_format
 
 KEEP = "keep"
+#: the algorithm a rule runs when it names none
+DEFAULT_METHOD = RTNConfig.method
 
 #: preset name -> format of every linear but ``lm_head``
 PRESETS = {
@@ -63,10 +65,20 @@ PRESET_KEEP = ("lm_head",)
 
 @dataclass(frozen=True)
 class Rule:
+    """Linears whose name matches ``pattern`` get ``format`` through ``config`` (None: kept)."""
+
     pattern: str
-    format: str | None  # None keeps the module as it is
-    algorithm: str = "rtn"
-    options: dict = field(default_factory=dict, hash=False)
+    format: Format | None
+    config: AlgorithmConfig = field(default_factory=RTNConfig)
+
+    @property
+    def algorithm(self) -> str:
+        return self.config.method
+
+    @property
+    def options(self) -> dict:
+        """The algorithm's options that differ from its defaults."""
+        return self.config.options()
 
     def matches(self, module_name: str) -> bool:
         return fnmatch.fnmatchcase(module_name, self.pattern)
@@ -75,12 +87,12 @@ class Rule:
         if self.format is None:
             return KEEP
         extras = "".join(f" {k}={v}" for k, v in self.options.items())
-        return f"{self.format} ({self.algorithm}{extras})"
+        return f"{self.format.name} ({self.algorithm}{extras})"
 
     def to_dict(self) -> dict:
         if self.format is None:
             return {"pattern": self.pattern, "format": KEEP}
-        return {"pattern": self.pattern, "format": self.format, "algorithm": self.algorithm, **self.options}
+        return {"pattern": self.pattern, "format": self.format.name, "algorithm": self.algorithm, **self.options}
 
 
 @dataclass
@@ -103,10 +115,13 @@ class Plan:
 
     @classmethod
     def from_dict(cls, data: dict) -> Plan:
+        """The plan :meth:`to_dict` wrote (a checkpoint manifest's ``plan``), checked like a plan file."""
         rules = []
         for entry in data["rules"]:
             entry = dict(entry)
             pattern, fmt = entry.pop("pattern"), entry.pop("format")
+            if not isinstance(pattern, str):
+                raise LowbitError(f"a plan rule's pattern must be a string, got {pattern!r}")
             rules.append(make_rule(pattern, {"format": fmt, **entry}))
         return cls(rules, data.get("name", "custom"))
 
@@ -116,27 +131,25 @@ def make_rule(pattern: str, spec: str | dict | None) -> Rule:
     if spec is None or spec == KEEP:
         return Rule(pattern, None)
     if isinstance(spec, str):
-        fmt, options = _split_modifiers(spec)
-        algorithm = "rtn"
+        fmt_text, options = _split_modifiers(spec)
+        method = DEFAULT_METHOD
     elif isinstance(spec, dict):
         spec = dict(spec)
         if "format" not in spec:
             raise LowbitError(f"plan rule {pattern!r} needs a 'format' (or 'keep'), got {spec}")
-        fmt_text = spec.pop("format")
-        if fmt_text == KEEP:
+        text = spec.pop("format")
+        if text == KEEP:
             return Rule(pattern, None)
-        fmt, options = _split_modifiers(str(fmt_text))
-        algorithm = spec.pop("algorithm", "rtn")
+        fmt_text, options = _split_modifiers(str(text))
+        method = spec.pop("algorithm", DEFAULT_METHOD)
         options = {**options, **spec}
     else:
         raise LowbitError(f"plan rule {pattern!r} must be a format name, 'keep' or a mapping, got {spec!r}")
-    fmt_name = get_format(fmt).name
-    options = get_algorithm(algorithm).check_options(options)
-    if options.get("clip_search") and not get_format(fmt_name).supports_clip:
-        raise LowbitError(f"{fmt_name} has no clipping search (its scales are fixed by the format); drop '+clip'")
-    # store only what differs from the algorithm's defaults, so manifests stay short
-    defaults = get_algorithm(algorithm).options
-    return Rule(pattern, fmt_name, algorithm, {k: v for k, v in options.items() if defaults.get(k) != v})
+    fmt = get_format(fmt_text)
+    config = config_class(str(method)).from_options(options)
+    if config.options().get("clip_search") and not fmt.supports_clip:
+        raise LowbitError(f"{fmt.name} has no clipping search (its scales are fixed by the format); drop '+clip'")
+    return Rule(pattern, fmt, config)
 
 
 def _split_modifiers(text: str) -> tuple[str, dict]:
@@ -211,6 +224,8 @@ def resolve_scheme(scheme: str | Plan) -> Plan:
     """A Plan from what the user gave: a Plan, a plan file path, a preset or a format name."""
     if isinstance(scheme, Plan):
         return scheme
+    if not isinstance(scheme, str):
+        raise LowbitError(f"a scheme is a preset or format name, a plan file or a Plan, got {scheme!r}")
     if scheme.endswith((".yaml", ".yml", ".json")):
         if not Path(scheme).is_file():
             raise LowbitError(f"plan file {scheme} does not exist")

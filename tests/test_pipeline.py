@@ -29,12 +29,14 @@ from tiny_models import ARCHITECTURES, tiny_model, tiny_tokens
 from torch import nn
 
 import lowbit
-from lowbit.algorithms import get_algorithm
+from lowbit.algorithms import RTNConfig
+from lowbit.algorithms.rtn import quantize_rtn
 from lowbit.arch import ARCHITECTURES as LOWBIT_ARCHITECTURES
+from lowbit.arch import input_groups_of
 from lowbit.errors import LowbitError
 from lowbit.formats import get_format
 from lowbit.nn import QuantLinear
-from lowbit.pipeline import _input_statistics, capture_layer_inputs
+from lowbit.pipeline import LayerBlock, capture_layer_inputs
 from lowbit.plan import Plan, make_rule
 
 #: relative Frobenius error of the logits: int8 (per channel) is tight, 4-bit is looser
@@ -201,10 +203,10 @@ def reference_mean_squares(model: nn.Module, layer_index: int, tokens: torch.Ten
     return {name: sums[name] / counts[name] for name in sums}
 
 
-def assert_statistics_close(actual: dict, expected: dict[str, torch.Tensor], prefix: str) -> None:
-    assert set(actual) == {prefix + name for name in expected}
+def assert_statistics_close(actual: dict, expected: dict[str, torch.Tensor]) -> None:
+    assert set(actual) == set(expected)
     for name, reference in expected.items():
-        got = actual[prefix + name]["input_mean_square"]
+        got = actual[name].mean_square
         assert got.dtype == torch.float32
         # float32 accumulation against a float64 reference
         torch.testing.assert_close(got.double(), reference, rtol=1e-5, atol=0, msg=name)
@@ -212,7 +214,7 @@ def assert_statistics_close(actual: dict, expected: dict[str, torch.Tensor], pre
 
 @pytest.mark.parametrize("arch", ["llama", "gemma2", "phi3"])
 def test_layer0_statistics_from_captured_inputs(arch):
-    """capture_layer_inputs + _input_statistics on layer 0 == hooks on the float model."""
+    """capture_layer_inputs + LayerBlock.collect on layer 0 == hooks on the float model."""
     model = tiny_model(arch)
     tokens = tiny_tokens(5, 24)
     state = capture_layer_inputs(model, "model.layers", tokens, batch_size=2)
@@ -221,14 +223,45 @@ def test_layer0_statistics_from_captured_inputs(arch):
     assert all(type(layer).__name__.endswith("DecoderLayer") for layer in model.model.layers)
 
     layer = model.model.layers[0]
-    names = {name: f"model.layers.0.{name}" for name, m in layer.named_modules() if isinstance(m, nn.Linear)}
+    names = [name for name, m in layer.named_modules() if isinstance(m, nn.Linear)]
+    groups = [group.linears for group in input_groups_of(model, layer)]
+    statistics = LayerBlock(0, layer, torch.device("cpu"), groups, state).collect(frozenset({"input_mean_square"}), names)
+    assert_statistics_close(statistics, reference_mean_squares(model, 0, tokens))
 
-    def run():
-        for hidden, call in zip(state.hidden, state.calls[0]):
-            layer(hidden, *call.args, **call.kwargs)
 
-    statistics = _input_statistics(layer, names, run)
-    assert_statistics_close(statistics, reference_mean_squares(model, 0, tokens), "model.layers.0.")
+@pytest.mark.parametrize("arch", ["llama", "phi3", "gemma2"])
+def test_linears_sharing_an_input_share_one_collector(arch):
+    """q/k/v (and gate/up) read the same input: one collector serves them, so a Hessian is
+    built once per input. Its Hessian, mean square and absmax equal float64 references."""
+    model = tiny_model(arch)
+    tokens = tiny_tokens(5, 24)
+    state = capture_layer_inputs(model, "model.layers", tokens, batch_size=2)
+    layer = model.model.layers[0]
+    groups = [group.linears for group in input_groups_of(model, layer)]
+    names = [name for name, m in layer.named_modules() if isinstance(m, nn.Linear)]
+    kinds = frozenset({"hessian", "input_mean_square", "input_absmax"})
+    statistics = LayerBlock(0, layer, torch.device("cpu"), groups, state).collect(kinds, names)
+    assert set(statistics) == set(names)
+    collectors = {id(s) for s in statistics.values()}
+    assert len(collectors) == len(groups)  # one per input
+    assert len(groups) < len(names) or arch == "phi3"  # phi3 fuses q/k/v and gate/up: nothing left to share
+    for group in groups:
+        assert len({id(statistics[name]) for name in group}) == 1
+    inputs: dict[str, list[torch.Tensor]] = {}
+    handles = [
+        layer.get_submodule(name).register_forward_hook(lambda _m, i, _o, name=name: inputs.setdefault(name, []).append(i[0]))
+        for name in names
+    ]
+    with torch.no_grad():
+        model(tokens, use_cache=False)
+    for handle in handles:
+        handle.remove()
+    for name in names:
+        x = torch.cat([t.reshape(-1, t.shape[-1]) for t in inputs[name]]).double()
+        got = statistics[name]
+        torch.testing.assert_close(got.hessian.double(), x.T @ x / x.shape[0], rtol=1e-5, atol=1e-7, msg=name)
+        torch.testing.assert_close(got.mean_square.double(), x.square().mean(0), rtol=1e-5, atol=0, msg=name)
+        torch.testing.assert_close(got.absmax.double(), x.abs().amax(0), rtol=1e-6, atol=0, msg=name)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma2"])
@@ -241,14 +274,14 @@ def test_calibrated_quantization_matches_reference(arch, monkeypatch):
     model = copy.deepcopy(original)
     tokens = tiny_tokens(10, 24)  # more than one batch of 8: batches are accumulated
     recorded = []
-    real = pipeline._input_statistics
+    real = pipeline.LayerBlock.collect
 
-    def recording(layer, names, run):
-        result = real(layer, names, run)
+    def recording(block, kinds, names):
+        result = real(block, kinds, names)
         recorded.append(result)
         return result
 
-    monkeypatch.setattr(pipeline, "_input_statistics", recording)
+    monkeypatch.setattr(pipeline.LayerBlock, "collect", recording)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         quantize_quietly(model, "int4-g32+clip", calibration=tokens)
@@ -259,24 +292,25 @@ def test_calibrated_quantization_matches_reference(arch, monkeypatch):
     partially_quantized = copy.deepcopy(original)
     partially_quantized.model.layers[0] = copy.deepcopy(model.model.layers[0])
     layer1 = reference_mean_squares(partially_quantized, 1, tokens)
-    assert_statistics_close(recorded[0], layer0, "model.layers.0.")
-    assert_statistics_close(recorded[1], layer1, "model.layers.1.")
+    assert_statistics_close(recorded[0], layer0)
+    assert_statistics_close(recorded[1], layer1)
     # the check can tell: the float model's layer-1 statistics are measurably different
     float_layer1 = reference_mean_squares(original, 1, tokens)
     assert max(((float_layer1[n] - layer1[n]).abs() / layer1[n]).max().item() for n in layer1) > 1e-3
 
     fmt = get_format("int4-g32")
-    rtn = get_algorithm("rtn")
     differs_from_plain = 0
     for index, statistics in ((0, layer0), (1, layer1)):
         for name, mean_square in statistics.items():
             full = f"model.layers.{index}.{name}"
             weight = original.get_submodule(full).weight.data
-            expected = rtn(weight, fmt, {"input_mean_square": mean_square.float()}, clip_search=True)
+            expected = quantize_rtn(weight, fmt, RTNConfig(clip_search=True), mean_square.float())
             got = model.get_submodule(full).qtensor
             assert all(torch.equal(got.parts[p], expected.parts[p]) for p in expected.parts), full
             differs_from_plain += not torch.equal(got.parts["scale"], fmt.quantize(weight).parts["scale"])
-            assert model.lowbit_manifest["modules"][full] == {"format": "int4-g32", "algorithm": "rtn", "clip_search": True}
+            assert model.lowbit_manifest["modules"][full] == {
+                "format": "int4-g32", "spec": fmt.spec(), "algorithm": "rtn", "clip_search": True
+            }  # fmt: skip
     assert differs_from_plain > 0  # the search did clip
 
 

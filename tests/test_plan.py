@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from lowbit.algorithms import algorithm_names, get_algorithm
+from lowbit.algorithms import RTNConfig, method_names
 from lowbit.errors import LowbitError, UnknownNameError
 from lowbit.formats import get_format
 from lowbit.plan import (
@@ -38,7 +38,7 @@ def decide(plan: Plan) -> dict[str, str | None]:
     decided = {}
     for name in MODULES:
         rule = plan.rule_for(name)
-        decided[name] = None if rule is None else rule.format
+        decided[name] = None if rule is None or rule.format is None else rule.format.name
     return decided
 
 
@@ -57,19 +57,20 @@ def test_every_preset_keeps_lm_head_and_quantizes_the_rest(preset):
 
 
 def test_w8_g128_alias_expands_to_its_format():
-    assert resolve_scheme("w8-g128").rules[-1].format == "int8-g128"
+    assert resolve_scheme("w8-g128").rules[-1].format.name == "int8-g128"
 
 
 def test_format_names_are_schemes_too():
     plan = resolve_scheme("int5-asym-g48")
-    assert plan.rules[-1].format == "int5-g48"  # canonical name: asymmetric is int5's default
+    assert plan.rules[-1].format.name == "int5-g48"  # canonical name: asymmetric is int5's default
     assert plan.rules[0] == Rule("lm_head", None)
 
 
 def test_clip_modifier_sets_clip_search():
     plan = resolve_scheme("int4-g128+clip")
     rule = plan.rules[-1]
-    assert (rule.format, rule.algorithm, rule.options) == ("int4-g128", "rtn", {"clip_search": True})
+    assert (rule.format, rule.algorithm, rule.options) == (get_format("int4-g128"), "rtn", {"clip_search": True})
+    assert rule.config == RTNConfig(clip_search=True)
     assert plan.name == "int4-g128+clip"
     assert rule.describe() == "int4-g128 (rtn clip_search=True)"
     assert plan.to_dict() == {
@@ -96,7 +97,7 @@ def test_plan_dict_round_trip():
 
 
 def test_options_equal_to_defaults_are_not_stored():
-    defaults = get_algorithm("rtn").options
+    defaults = RTNConfig.defaults()
     rule = make_rule("*", {"format": "int4-g128", **defaults})
     assert rule.options == {}
 
@@ -137,7 +138,7 @@ def test_unknown_algorithm_lists_algorithms():
     with pytest.raises(UnknownNameError) as error:
         make_rule("*", {"format": "int4-g128", "algorithm": "gptq"})
     assert "unknown algorithm 'gptq'" in str(error.value)
-    for name in algorithm_names():
+    for name in method_names():
         assert name in str(error.value)
 
 
@@ -146,7 +147,7 @@ def test_unknown_algorithm_option_lists_options():
         make_rule("*", {"format": "int4-g128", "damp": 0.01})
     message = str(error.value)
     assert "no option 'damp'" in message
-    for option in get_algorithm("rtn").options:
+    for option in RTNConfig.defaults():
         assert option in message
 
 

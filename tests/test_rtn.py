@@ -17,8 +17,8 @@ import zlib
 import pytest
 import torch
 
-from lowbit.algorithms import algorithm_names, get_algorithm
-from lowbit.algorithms.rtn import search_clip_ratio
+from lowbit.algorithms import RTNConfig, config_class, handler_for, method_names
+from lowbit.algorithms.rtn import quantize_rtn, search_clip_ratio
 from lowbit.errors import LowbitError, UnknownNameError
 from lowbit.formats import get_format
 
@@ -93,7 +93,7 @@ def group_errors(name, weight, dequantized, importance=None) -> torch.Tensor:
     error = (dequantized.double() - weight.double()).square()
     if importance is not None:
         error = error * importance.double().reshape(1, -1)
-    shape = get_format(name).clip_shape(tuple(weight.shape))
+    shape = get_format(name).groups(tuple(weight.shape)).shape
     out = torch.zeros(shape, dtype=torch.float64)
     for index, rows, columns in units(name, tuple(weight.shape)):
         out[index] = error[rows, columns].sum()
@@ -104,15 +104,15 @@ def brute_force_ratios(name, weight, importance, grid, clip_min):
     """Reference ratios, and for each group the set of ratios within NEAR_TIE of the best."""
     fmt = get_format(name)
     ratios = torch.linspace(1.0, clip_min, grid).tolist()
-    chosen = torch.ones(fmt.clip_shape(tuple(weight.shape)))
+    chosen = torch.ones(fmt.groups(tuple(weight.shape)).shape)
     allowed = {}
     for index, rows, columns in units(name, tuple(weight.shape)):
         piece = weight[rows, columns]
         column_weight = None if importance is None else importance[columns]
         errors = []
         for ratio in ratios:
-            candidate = torch.full(fmt.clip_shape(tuple(piece.shape)), ratio)
-            dequantized = fmt.quantize(piece, clip_ratio=candidate).dequantize()
+            candidate = torch.full(fmt.groups(tuple(piece.shape)).shape, ratio)
+            dequantized = fmt.quantize(piece, clip=candidate).dequantize()
             error = (dequantized.double() - piece.double()).square()
             if column_weight is not None:
                 error = error * column_weight.double().reshape(1, -1)
@@ -123,6 +123,12 @@ def brute_force_ratios(name, weight, importance, grid, clip_min):
     return chosen, allowed
 
 
+def rtn(weight, fmt, statistics=None, **options):
+    """RTN on one weight, the options as a plan gives them, statistics as the pipeline collects them."""
+    importance = (statistics or {}).get("input_mean_square")
+    return quantize_rtn(weight, fmt, RTNConfig.from_options(options), importance)
+
+
 def same_parts(a, b) -> bool:
     return a.format_name == b.format_name and a.shape == b.shape and set(a.parts) == set(b.parts) and all(
         torch.equal(a.parts[k], b.parts[k]) for k in a.parts
@@ -131,11 +137,11 @@ def same_parts(a, b) -> bool:
 
 # ---------------------------------------------------------------------------------------
 def test_rtn_is_registered():
-    assert "rtn" in algorithm_names()
-    rtn = get_algorithm("rtn")
-    assert rtn.options == {"clip_search": False, "clip_grid": 20, "clip_min": 0.5}
-    assert rtn.statistics({**rtn.options, "clip_search": True}) == ("input_mean_square",)
-    assert rtn.statistics(rtn.options) == ()
+    assert "rtn" in method_names()
+    assert config_class("rtn") is RTNConfig and handler_for(RTNConfig()) is not None
+    assert RTNConfig.defaults() == {"clip_search": False, "clip_grid": 20, "clip_min": 0.5}
+    assert RTNConfig(clip_search=True).statistics() == {"input_mean_square"}
+    assert RTNConfig().statistics() == frozenset()
 
 
 @pytest.mark.parametrize(
@@ -144,7 +150,6 @@ def test_rtn_is_registered():
 @pytest.mark.parametrize("shape", [(1, 1), (5, 130), (17, 577)], ids=str)
 def test_plain_rtn_is_the_format(name, shape):
     w = heavy_tailed(shape, "student", seed=seed_of(name, shape))
-    rtn = get_algorithm("rtn")
     fmt = get_format(name)
     expected = fmt.quantize(w)
     assert same_parts(rtn(w, fmt), expected)
@@ -160,7 +165,7 @@ def test_clip_search_is_never_worse_per_group(name, kind):
     w = heavy_tailed((9, 300), kind, seed=seed_of(name, kind))
     fmt = get_format(name)
     plain = group_errors(name, w, fmt.quantize(w).dequantize())
-    clipped = group_errors(name, w, get_algorithm("rtn")(w, fmt, clip_search=True).dequantize())
+    clipped = group_errors(name, w, rtn(w, fmt, clip_search=True).dequantize())
     assert bool((clipped <= plain * (1 + NEAR_TIE)).all())
 
 
@@ -170,7 +175,7 @@ def test_clip_search_improves_heavy_tailed_weights(name, kind):
     w = heavy_tailed((17, 577), kind, seed=seed_of(name, kind, "improve"))
     fmt = get_format(name)
     plain = (fmt.quantize(w).dequantize().double() - w.double()).square().sum().item()
-    clipped = (get_algorithm("rtn")(w, fmt, clip_search=True).dequantize().double() - w.double()).square().sum()
+    clipped = (rtn(w, fmt, clip_search=True).dequantize().double() - w.double()).square().sum()
     assert clipped.item() < plain
 
 
@@ -184,7 +189,7 @@ def test_clip_search_matches_brute_force(name, grid, clip_min, weighted):
     fmt = get_format(name)
     expected, allowed = brute_force_ratios(name, w, importance, grid, clip_min)
     chosen = search_clip_ratio(w, fmt, importance, grid, clip_min)
-    assert chosen.shape == expected.shape == fmt.clip_shape(shape)
+    assert chosen.shape == expected.shape == fmt.groups(shape).shape
     near_ties = 0
     for index in allowed:
         if len(allowed[index]) == 1:
@@ -197,8 +202,8 @@ def test_clip_search_matches_brute_force(name, grid, clip_min, weighted):
         assert bool((chosen < 1).any()), "the search should clip somewhere on Student-t weights"
     # the algorithm quantizes with exactly the ratios the search chose
     statistics = {} if importance is None else {"input_mean_square": importance}
-    result = get_algorithm("rtn")(w, fmt, statistics, clip_search=True, clip_grid=grid, clip_min=clip_min)
-    assert same_parts(result, fmt.quantize(w, clip_ratio=chosen))
+    result = rtn(w, fmt, statistics, clip_search=True, clip_grid=grid, clip_min=clip_min)
+    assert same_parts(result, fmt.quantize(w, clip=chosen))
 
 
 @pytest.mark.parametrize("name", ["int4-g128", "int3-g128", "nf4", "fp8", "int8-tensor"])
@@ -207,7 +212,6 @@ def test_weighted_search_reduces_weighted_error(name):
     w = heavy_tailed(shape, "student", seed=seed_of(name, "weighted"))
     importance = importance_of(shape[1], seed=seed_of(name, "weights"))
     fmt = get_format(name)
-    rtn = get_algorithm("rtn")
     weighted = rtn(w, fmt, {"input_mean_square": importance}, clip_search=True).dequantize()
     unweighted = rtn(w, fmt, clip_search=True).dequantize()
     # each search is the best of the grid for its own measure, group by group
@@ -236,7 +240,7 @@ def test_zero_groups_keep_ratio_one(name):
         assert not bool(zero.any())
     else:
         assert bool(zero.any())
-    assert same_parts(get_algorithm("rtn")(w, fmt, clip_search=True), fmt.quantize(w, clip_ratio=ratio))
+    assert same_parts(rtn(w, fmt, clip_search=True), fmt.quantize(w, clip=ratio))
     assert bool((ratio[zero] == expected[zero]).all())
 
 
@@ -247,12 +251,11 @@ def test_nf4_dq_search_uses_its_ratios():
     fmt = get_format("nf4-dq")
     ratio = search_clip_ratio(w, fmt)
     assert ratio.shape == (9, 5)
-    assert same_parts(get_algorithm("rtn")(w, fmt, clip_search=True), fmt.quantize(w, clip_ratio=ratio))
+    assert same_parts(rtn(w, fmt, clip_search=True), fmt.quantize(w, clip=ratio))
 
 
 # ---------------------------------------------------------------------------------------
 def test_unknown_options_are_refused():
-    rtn = get_algorithm("rtn")
     w, fmt = torch.randn(2, 64), get_format("int4-g128")
     with pytest.raises(LowbitError) as error:
         rtn(w, fmt, clip_serch=True)
@@ -262,14 +265,13 @@ def test_unknown_options_are_refused():
 
 def test_unknown_algorithm_is_refused():
     with pytest.raises(UnknownNameError) as error:
-        get_algorithm("no-such-algorithm")
+        config_class("no-such-algorithm")
     assert isinstance(error.value, LowbitError)
     assert "'no-such-algorithm'" in str(error.value) and "rtn" in str(error.value)
 
 
 @pytest.mark.parametrize("name", ["mxfp4", "bf16", "fp16", "fp32"])
 def test_clip_search_refused_where_the_format_has_none(name):
-    rtn = get_algorithm("rtn")
     fmt = get_format(name)
     # ValueError today; a LowbitError (the user-facing kind) would also be right
     with pytest.raises((ValueError, LowbitError), match="clipping search"):
@@ -286,9 +288,41 @@ def test_nf4_dq_clip_search_scores_blocks_with_exact_scales(kind):
     w = heavy_tailed((9, 300), kind, seed=seed_of("nf4-dq", kind))
     fmt = get_format("nf4-dq")
     plain = group_errors("nf4-dq", w, fmt.quantize(w).dequantize())
-    clipped = group_errors("nf4-dq", w, get_algorithm("rtn")(w, fmt, clip_search=True).dequantize())
+    clipped = group_errors("nf4-dq", w, rtn(w, fmt, clip_search=True).dequantize())
     assert clipped.sum() < plain.sum()
     assert bool((clipped <= 2 * plain).all())
     from lowbit.algorithms.rtn import search_clip_ratio
 
     assert torch.equal(search_clip_ratio(w, fmt), search_clip_ratio(w, get_format("nf4")))
+
+
+def test_block_handler_collects_one_statistic_per_shared_input():
+    """The RTN handler asks the block for input mean squares only when it searches, once for all
+    its targets, and uses each linear's statistic as the search's column weights."""
+    fmt = get_format("int4-g32")
+    weights = {"q": heavy_tailed((8, 64), "student", 1), "k": heavy_tailed((4, 64), "student", 2)}
+    shared = importance_of(64, 3)
+
+    class FakeBlock:
+        index, device, hidden = 0, torch.device("cpu"), [torch.zeros(1)]
+        asked: list = []
+
+        def weight(self, name):
+            return weights[name]
+
+        def collect(self, kinds, names):
+            self.asked.append((set(kinds), sorted(names)))
+
+            class Stats:
+                mean_square = shared
+
+            return dict.fromkeys(names, Stats())
+
+    block = FakeBlock()
+    plain = handler_for(RTNConfig())(RTNConfig(), block, {"q": fmt, "k": fmt})
+    assert block.asked == [] and same_parts(plain["q"], fmt.quantize(weights["q"]))
+    config = RTNConfig(clip_search=True)
+    searched = handler_for(config)(config, block, {"q": fmt, "k": fmt})
+    assert block.asked == [({"input_mean_square"}, ["k", "q"])]
+    for name in ("q", "k"):
+        assert same_parts(searched[name], rtn(weights[name], fmt, {"input_mean_square": shared}, clip_search=True))

@@ -6,6 +6,12 @@ by a factor from a small grid (1.0 down to ``clip_min``) and keeps, per group, t
 whose dequantized weights are closest to the originals. This is the same search AWQ applies
 after scaling and llama.cpp's K-quants apply to their block scales.
 
+The search is all here; a format only offers the parts it is built from:
+``choose_params(weight, clip=...)`` for a candidate range, ``fake_quantize`` to score it, and
+``groups(shape)`` for which weights share a scale. A format whose scales are coupled across
+groups (NF4's double quantization) is scored through its ``search_format`` (the same format
+with independent scales), and the chosen factors are then applied to the real format.
+
 The error is a squared error per weight. When calibration text was given, each input
 column's error is weighted by the mean square of the activations that multiply it
 (``input_mean_square``): a weight that meets large inputs matters more to the layer's output
@@ -14,11 +20,38 @@ column's error is weighted by the mean square of the activations that multiply i
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from lowbit.algorithms import Algorithm, register
+from lowbit.algorithms.base import AlgorithmConfig, Block, register
+from lowbit.algorithms.statistics import INPUT_MEAN_SQUARE
 from lowbit.formats import Format
 from lowbit.qtensor import QTensor
+
+
+@dataclass(frozen=True)
+class RTNConfig(AlgorithmConfig):
+    """Round to nearest; ``clip_search`` adds the per-group range search over ``clip_grid``
+    factors from 1.0 down to ``clip_min``."""
+
+    method = "rtn"
+    clip_search: bool = False
+    clip_grid: int = 20
+    clip_min: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.clip_search, bool):
+            self.fail(f"clip_search must be true or false, got {self.clip_search!r}")
+        grid = self.clip_grid
+        if isinstance(grid, bool) or not isinstance(grid, int) or grid < 1:
+            self.fail(f"clip_grid must be a whole number of at least 1, got {grid!r}")
+        low = self.clip_min
+        if isinstance(low, bool) or not isinstance(low, (int, float)) or not 0 < low <= 1:
+            self.fail(f"clip_min must be a number in (0, 1], got {low!r}")
+
+    def statistics(self) -> frozenset[str]:
+        return frozenset({INPUT_MEAN_SQUARE}) if self.clip_search else frozenset()
 
 
 def search_clip_ratio(
@@ -28,19 +61,22 @@ def search_clip_ratio(
     grid: int = 20,
     clip_min: float = 0.5,
 ) -> torch.Tensor:
-    """Per-group clip ratio (shaped ``fmt.clip_shape``) that minimises the weighted error."""
+    """Per-group clip ratio (shaped ``fmt.groups(shape).shape``) that minimises the weighted error.
+
+    ``importance`` weights each input column's squared error (``(in_features,)``).
+    """
     w = weight.float()
-    shape = (w.shape[0], w.shape[1])
     fmt = fmt.search_format
+    groups = fmt.groups((w.shape[0], w.shape[1]))
     column_weight = None if importance is None else importance.float().to(w.device).reshape(1, -1)
-    best_error = torch.full(fmt.clip_shape(shape), float("inf"), device=w.device)
+    best_error = torch.full(groups.shape, float("inf"), device=w.device)
     best_ratio = torch.ones_like(best_error)
     for ratio in torch.linspace(1.0, clip_min, grid).tolist():
         candidate = torch.full_like(best_ratio, ratio)
-        error = (fmt.quantize(w, clip_ratio=candidate).dequantize() - w).square()
+        error = (fmt.fake_quantize(w, fmt.choose_params(w, clip=candidate)) - w).square()
         if column_weight is not None:
             error = error * column_weight
-        error = fmt.group_error(error)
+        error = groups.sum(error)
         better = error < best_error
         best_error = torch.where(better, error, best_error)
         best_ratio = torch.where(better, candidate, best_ratio)
@@ -48,39 +84,22 @@ def search_clip_ratio(
 
 
 def quantize_rtn(
-    weight: torch.Tensor,
-    fmt: Format,
-    statistics: dict,
-    clip_search: bool = False,
-    clip_grid: int = 20,
-    clip_min: float = 0.5,
+    weight: torch.Tensor, fmt: Format, config: RTNConfig = RTNConfig(), importance: torch.Tensor | None = None
 ) -> QTensor:
-    if not clip_search:
+    """One weight, rounded to nearest in ``fmt`` (with the clipping search if ``config`` says so)."""
+    if not config.clip_search:
         return fmt.quantize(weight)
     if not fmt.supports_clip:
         raise ValueError(f"{fmt.name} has no clipping search (its scales are fixed by the format)")
-    ratio = search_clip_ratio(weight, fmt, statistics.get("input_mean_square"), clip_grid, clip_min)
-    return fmt.quantize(weight, clip_ratio=ratio)
+    ratio = search_clip_ratio(weight, fmt, importance, config.clip_grid, config.clip_min)
+    return fmt.quantize(weight, clip=ratio)
 
 
-def check_options(options: dict) -> str | None:
-    if not isinstance(options["clip_search"], bool):
-        return f"clip_search must be true or false, got {options['clip_search']!r}"
-    grid = options["clip_grid"]
-    if isinstance(grid, bool) or not isinstance(grid, int) or grid < 1:
-        return f"clip_grid must be a whole number of at least 1, got {grid!r}"
-    low = options["clip_min"]
-    if isinstance(low, bool) or not isinstance(low, (int, float)) or not 0 < low <= 1:
-        return f"clip_min must be a number in (0, 1], got {low!r}"
-    return None
-
-
-RTN = register(
-    Algorithm(
-        "rtn",
-        quantize_rtn,
-        options={"clip_search": False, "clip_grid": 20, "clip_min": 0.5},
-        statistics=lambda options: ("input_mean_square",) if options["clip_search"] else (),
-        validate=check_options,
-    )
-)
+@register(RTNConfig)
+def quantize_block(config: RTNConfig, block: Block, targets: dict[str, Format]) -> dict[str, QTensor]:
+    """RTN on every target linear of a block, with calibration statistics when there are any."""
+    statistics = block.collect(config.statistics(), list(targets)) if config.statistics() and block.hidden else {}
+    return {
+        name: quantize_rtn(block.weight(name), fmt, config, statistics[name].mean_square if name in statistics else None)
+        for name, fmt in targets.items()
+    }

@@ -1,0 +1,121 @@
+"""What every algorithm is: a typed config, and a handler that quantizes the linears of a block.
+
+An algorithm (RTN today; GPTQ, AWQ and SmoothQuant plug in the same way) is
+
+- one frozen config dataclass, subclass of :class:`AlgorithmConfig`, whose fields are its
+  options with their defaults (``RTNConfig(clip_search=True)``). Plans and manifests name it
+  by ``method`` and store the options that differ from the defaults;
+- one handler, registered for that config type with :func:`register`, called once per
+  decoder block with the block (:class:`Block`), the linears of the block it should quantize
+  and their formats. It returns a QTensor per linear.
+
+A handler works on tensors. It reaches the model only through the :class:`Block` the
+pipeline hands it: the layer's linears and their dense weights, the hidden states and
+arguments the layer received during calibration, the work device, the architecture's input
+groups (which linears share an input, which norm or linear produces it), ``run()`` to run
+the layer, and ``collect()`` for input statistics keyed by shared input (so q, k and v get one
+Hessian). AWQ and SmoothQuant fold their scales into the module ``previous`` names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, ClassVar, Protocol
+
+import torch
+
+from lowbit.errors import LowbitError, UnknownNameError
+
+if TYPE_CHECKING:
+    from lowbit.algorithms.statistics import InputStatistics
+    from lowbit.formats import Format
+    from lowbit.qtensor import QTensor
+
+
+class Block(Protocol):
+    """One decoder layer as an algorithm sees it (the pipeline implements this)."""
+
+    index: int
+    device: torch.device
+    #: hidden states entering the layer for each calibration batch, or None without calibration
+    hidden: list[torch.Tensor] | None
+
+    def weight(self, name: str) -> torch.Tensor:
+        """The dense ``(out_features, in_features)`` weight of linear ``name`` (local to the layer)."""
+
+    def run(self) -> list[torch.Tensor]:
+        """Run the layer on every calibration batch; the hidden states it outputs."""
+
+    def collect(self, kinds: frozenset[str], names: list[str]) -> dict[str, InputStatistics]:
+        """Input statistics of ``kinds`` for the linears ``names``, one collector per shared input."""
+
+
+@dataclass(frozen=True)
+class AlgorithmConfig:
+    """Options of an algorithm; subclasses add fields with defaults and set ``method``."""
+
+    method: ClassVar[str] = ""
+
+    def statistics(self) -> frozenset[str]:
+        """The input statistics this configuration uses when calibration text is given."""
+        return frozenset()
+
+    def options(self) -> dict:
+        """The options that differ from the defaults (what plans and manifests store)."""
+        defaults = type(self)()
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if getattr(self, f.name) != getattr(defaults, f.name)
+        }
+
+    @classmethod
+    def defaults(cls) -> dict:
+        return {f.name: f.default for f in dataclasses.fields(cls)}
+
+    @classmethod
+    def from_options(cls, options: dict) -> AlgorithmConfig:
+        """The config for ``options`` (a plan entry's keys), with a clear error for an unknown one."""
+        unknown = sorted(set(options) - set(cls.defaults()))
+        if unknown:
+            raise LowbitError(
+                f"algorithm {cls.method!r} has no option {', '.join(map(repr, unknown))}; "
+                f"its options are: {', '.join(cls.defaults()) or 'none'}"
+            )
+        return cls(**options)
+
+    def fail(self, problem: str) -> None:
+        raise LowbitError(f"algorithm {self.method!r}: {problem}")
+
+
+Handler = Callable[[AlgorithmConfig, Block, "dict[str, Format]"], "dict[str, QTensor]"]
+
+_METHODS: dict[str, type[AlgorithmConfig]] = {}
+_HANDLERS: dict[type[AlgorithmConfig], Handler] = {}
+
+
+def register(config_type: type[AlgorithmConfig]) -> Callable[[Handler], Handler]:
+    """Register the block handler of ``config_type`` (and its method name for plans)."""
+
+    def decorate(handler: Handler) -> Handler:
+        _METHODS[config_type.method] = config_type
+        _HANDLERS[config_type] = handler
+        return handler
+
+    return decorate
+
+
+def config_class(method: str) -> type[AlgorithmConfig]:
+    """The config type of the algorithm called ``method``; a clear error listing them otherwise."""
+    if method not in _METHODS:
+        raise UnknownNameError(f"unknown algorithm {method!r}; available: {', '.join(method_names())}")
+    return _METHODS[method]
+
+
+def method_names() -> list[str]:
+    return sorted(_METHODS)
+
+
+def handler_for(config: AlgorithmConfig) -> Handler:
+    return _HANDLERS[type(config)]
