@@ -7,33 +7,15 @@ per weight; plus totals and the architecture.
 
 from __future__ import annotations
 
-import json
 import os
-import struct
 from collections import defaultdict
 from pathlib import Path
 
 from lowbit.errors import LowbitError
-from lowbit.export.native import check_stored_bytes, empty_model
-from lowbit.formats import get_format
+from lowbit.lazy import StoredTensors
 from lowbit.nn import PART_PREFIX, linear_shape
+from lowbit.skeleton import check_stored_bytes, empty_model, manifest_format
 from lowbit.sources import read_json, resolve_model
-
-
-def _safetensors_headers(directory: Path) -> dict[str, dict]:
-    headers = {}
-    for file in sorted(directory.glob("*.safetensors")):
-        with open(file, "rb") as f:
-            (length,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(length))
-        header.pop("__metadata__", None)
-        headers.update(header)
-    return headers
-
-
-def _tensor_bytes(info: dict) -> int:
-    start, end = info["data_offsets"]
-    return end - start
 
 
 def _skeleton(config: dict):
@@ -46,22 +28,22 @@ def _skeleton(config: dict):
 
 def _inspect_directory(path: Path, native: bool) -> dict:
     config = read_json(path / "config.json")
-    headers = _safetensors_headers(path)
+    headers = dict(StoredTensors(path).entries)
     manifest = config.get("quantization_config", {}) if native else {}
     skeleton = _skeleton(config) if manifest.get("modules") else None
     tensors = []
     for name, entry in manifest.get("modules", {}).items():
         prefix = f"{name}.{PART_PREFIX}"
-        stored = sum(_tensor_bytes(headers.pop(key)) for key in [k for k in headers if k.startswith(prefix)])
-        fmt = get_format(entry["format"])
+        stored = sum(headers.pop(key).nbytes for key in [k for k in headers if k.startswith(prefix)])
+        fmt = manifest_format(entry)
         shape = linear_shape(skeleton.get_submodule(name))
         check_stored_bytes(path, name, fmt, shape, stored)
         tensors.append({"name": f"{name}.weight", "format": fmt.name, "shape": list(shape), "bytes": stored, "weights": shape[0] * shape[1]})
     for name, info in headers.items():
         count = 1
-        for dim in info["shape"]:
+        for dim in info.shape:
             count *= dim
-        tensors.append({"name": name, "format": info["dtype"].lower(), "shape": info["shape"], "bytes": _tensor_bytes(info), "weights": count})
+        tensors.append({"name": name, "format": info.dtype_name.lower(), "shape": list(info.shape), "bytes": info.nbytes, "weights": count})
     return {
         "architecture": (config.get("architectures") or [config.get("model_type")])[0],
         "model_type": config.get("model_type"),

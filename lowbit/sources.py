@@ -22,8 +22,10 @@ import os
 import re
 import struct
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -187,29 +189,86 @@ def check_gguf(path: Path) -> None:
 
 
 def load_model(
-    spec: str | os.PathLike | ModelSource, dtype: torch.dtype | str | None = None
+    spec: str | os.PathLike | ModelSource, dtype: torch.dtype | str | None = None, lazy: bool = False
 ) -> tuple[torch.nn.Module, object, ModelSource]:
-    """Load ``(model, tokenizer, source)`` on the CPU, in eval mode.
+    """Load an unquantized ``(model, tokenizer, source)`` on the CPU, in eval mode.
 
-    A native lowbit checkpoint comes back quantized; a GGUF file is dequantized to float
-    (transformers' GGUF loader); a HF directory or hub id loads as transformers does.
-    ``dtype`` defaults to the checkpoint's own (``"auto"``).
+    A HF directory with safetensors is built from its config and filled from the files
+    (``lowbit.lazy``): with ``lazy=True`` every weight stays on disk until
+    ``model.lowbit_weights`` materialises it; otherwise all are read (the same weights as
+    transformers' ``from_pretrained``). A GGUF file is dequantized to float32 once and cached
+    as such a directory (``lowbit.gguf_cache``). A hub id, a ``.bin`` checkpoint or a family
+    whose keys transformers renames load eagerly with ``from_pretrained`` (with a warning
+    when ``lazy`` was asked for). ``dtype`` defaults to the checkpoint's own (``"auto"``).
+    Native lowbit checkpoints are read by ``lowbit.export.native``, not here.
     """
-    from transformers import AutoModelForCausalLM
-
     source = spec if isinstance(spec, ModelSource) else resolve_model(spec)
     if source.kind == "native":
-        from lowbit.export.native import load_native
+        raise LowbitError(f"{source} is a lowbit checkpoint (already quantized); load it with lowbit.load")
+    if source.gguf_file:
+        return (*_load_gguf(source, dtype, lazy), source)
+    model = _load_directory(source, dtype, lazy) if source.kind == "hf" else _from_pretrained(source, dtype)
+    return model, load_tokenizer(source), source
 
-        model, tokenizer = load_native(source.path)
-        return model, tokenizer, source
+
+def _load_directory(source: ModelSource, dtype, lazy: bool) -> torch.nn.Module:
+    """The model of a local directory: lazy, or with every weight read."""
+    from lowbit.lazy import NeedsEagerLoading, lazy_model
+
+    try:
+        with _loader_errors(source):
+            model = lazy_model(source.path, dtype)
+    except NeedsEagerLoading as reason:
+        if lazy:
+            warnings.warn(f"loading {source} completely, not lazily: {reason}", stacklevel=3)
+        return _from_pretrained(source, dtype)
+    if not lazy:
+        model.lowbit_weights.materialize_all()
+        del model.lowbit_weights
+    return model
+
+
+def _load_gguf(source: ModelSource, dtype, lazy: bool) -> tuple[torch.nn.Module, object]:
+    """A GGUF model from its cached float copy, made on the first load (see ``gguf_cache``)."""
+    from lowbit.gguf_cache import dequantized_directory
+
+    loaded = []
+
+    def dequantize():
+        loaded.append((_from_pretrained(source, None), load_tokenizer(source)))
+        return loaded[0]
+
+    directory = dequantized_directory(Path(source.path) / source.gguf_file, dequantize)
+    if directory is None:  # the cache could not be written: use what was just loaded
+        model, tokenizer = loaded[0]
+        return (model if dtype is None else model.to(dtype)), tokenizer
+    cached = ModelSource("hf", str(directory))
+    return _load_directory(cached, dtype, lazy), load_tokenizer(cached)
+
+
+def _from_pretrained(source: ModelSource, dtype) -> torch.nn.Module:
+    """transformers' own loading (reads every weight), with its errors made LowbitErrors."""
+    from transformers import AutoModelForCausalLM
+
     kwargs = {"dtype": dtype or "auto"}
     if source.gguf_file:
         kwargs["gguf_file"] = source.gguf_file
+    with _loader_errors(source), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
+    if source.gguf_file:  # the weights are now plain floats; forget the GGUF quantizer
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.is_quantized = False
+    return model.eval()
+
+
+@contextmanager
+def _loader_errors(source: ModelSource) -> Iterator[None]:
+    """transformers' errors for an unknown architecture or unreadable files, as LowbitErrors."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model = AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
+        yield
     except ValueError as error:
         if "Unrecognized configuration" in str(error) or "not supported" in str(error):
             raise LowbitError(f"unsupported architecture in {source}: {str(error).splitlines()[0]}") from None
@@ -221,12 +280,6 @@ def load_model(
                 "if you are offline, download it elsewhere and pass the local directory"
             ) from None
         raise LowbitError(f"could not load the model at {source}: {str(error).splitlines()[0]}") from None
-    if source.gguf_file:  # the weights are now plain floats; forget the GGUF quantizer
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.is_quantized = False
-    return model.eval(), load_tokenizer(source), source
 
 
 def load_tokenizer(source: ModelSource):

@@ -134,6 +134,8 @@ def test_manifest_in_config(tmp_path):
     modules = manifest["modules"]
     assert set(modules) == set(quantized_linears(model))
     for name, entry in modules.items():
+        entry = dict(entry)
+        assert entry.pop("spec") == get_format(entry["format"]).spec()  # the typed format beside its name
         if name.endswith("down_proj"):
             assert entry == {"format": "int8", "algorithm": "rtn"}
         elif ".self_attn." in name:
@@ -358,13 +360,23 @@ def test_part_with_same_bytes_but_wrong_layout_is_refused(damaged, change):
 
 @pytest.mark.parametrize("new_format", ["int8", "nf4", "int4-sym-g128", "int4-g64"])
 def test_manifest_format_edit_is_refused(damaged, new_format):
-    rewrite_manifest(damaged, lambda m: m["modules"][Q_PROJ].__setitem__("format", new_format))
+    rewrite_manifest(damaged, lambda m: m["modules"][Q_PROJ].update(format=new_format, spec=get_format(new_format).spec()))
     with pytest.raises(LowbitError, match=rf"should hold {new_format} parts .* for shape \(96, 96\).*corrupt"):
         lowbit.load(damaged)
 
 
+def test_manifest_name_and_spec_that_disagree_are_refused(damaged):
+    rewrite_manifest(damaged, lambda m: m["modules"][Q_PROJ].__setitem__("format", "int8"))
+    with pytest.raises(LowbitError, match="names format 'int8' but its spec describes 'int4-g128'.*corrupt"):
+        lowbit.load(damaged)
+
+
 def test_manifest_unknown_format_is_refused(damaged):
-    rewrite_manifest(damaged, lambda m: m["modules"][Q_PROJ].__setitem__("format", "int9-g7"))
+    def edit(manifest):
+        manifest["modules"][Q_PROJ]["format"] = "int9-g7"
+        del manifest["modules"][Q_PROJ]["spec"]  # a checkpoint from before specs: the name alone
+
+    rewrite_manifest(damaged, edit)
     with pytest.raises(LowbitError, match="unknown format 'int9-g7'"):
         lowbit.load(damaged)
 

@@ -12,30 +12,29 @@ Layout of ``OUT/``:
 - the tokenizer files and ``generation_config.json`` when there are any.
 
 Loading builds the model from its config with parameters on the meta device (nothing is
-allocated twice), puts QuantLinear modules where the manifest says, and assigns the stored
-tensors; sizes are checked against each format's exact ``storage_bytes``.
+allocated twice), checks every stored tensor against it from the file headers (each
+quantized module's parts against its format's exact layout), then reads the tensors one at
+a time into QuantLinear modules where the manifest says and into the other modules.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import warnings
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from lowbit.errors import LowbitError
 from lowbit.export.atomic import atomic_directory
-from lowbit.formats import get_format
+from lowbit.lazy import INDEX_FILE, StoredTensors, put_tensor, tensor_groups
 from lowbit.nn import PART_PREFIX, QuantLinear, linear_shape, set_submodule, unique_state_dict
+from lowbit.skeleton import check_parts, empty_model, manifest_format
 from lowbit.sources import check_safetensors, read_json
 
 MAX_SHARD_BYTES = 5 * 10**9
-INDEX_FILE = "model.safetensors.index.json"
 
 
 def _shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
@@ -86,49 +85,63 @@ def save_native(
     return path
 
 
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    files = sorted(path.glob("*.safetensors"))
-    tensors: dict[str, torch.Tensor] = {}
-    for file in files:
-        check_safetensors(file)
-        with safe_open(file, framework="pt") as f:
-            for key in f.keys():
-                tensors[key] = f.get_tensor(key)
-    return tensors
+def _plan_modules(path: Path, model: nn.Module, modules: dict, stored: StoredTensors) -> dict[str, tuple]:
+    """For each quantized module: ``(format, shape, {part: key}, bias key or None)``, every
+    part checked against its format's layout from the file headers, before anything is read."""
+    planned = {}
+    for name, entry in modules.items():
+        try:
+            linear = model.get_submodule(name)
+            shape = linear_shape(linear)
+        except AttributeError:
+            raise LowbitError(f"{path}: the manifest names {name!r}, which this model does not have; the checkpoint is corrupt") from None
+        fmt = manifest_format(entry)
+        prefix = f"{name}.{PART_PREFIX}"
+        keys = {key[len(prefix) :]: key for key in stored.entries if key.startswith(prefix)}
+        check_parts(path, name, fmt, shape, {part: (stored.entries[k].shape, stored.entries[k].dtype) for part, k in keys.items()})
+        bias = f"{name}.bias" if getattr(linear, "bias", None) is not None else None
+        planned[name] = (fmt, shape, keys, bias)
+    return planned
 
 
-def check_parts(path: Path, name: str, fmt, shape: tuple[int, int], parts: dict[str, torch.Tensor]) -> None:
-    """A quantized module must hold exactly the parts its format stores, shapes and dtypes."""
-    expected = fmt.part_layout(shape)
-    found = {part: (tuple(t.shape), t.dtype) for part, t in parts.items()}
-    if found != expected:
-        raise LowbitError(
-            f"{path}: {name} should hold {fmt.name} parts {expected} for shape {shape}, "
-            f"found {found}; the checkpoint is corrupt"
-        )
-
-
-def check_stored_bytes(path: Path, name: str, fmt, shape: tuple[int, int], stored: int) -> None:
-    """A quantized module must hold exactly the bytes its format takes for its shape."""
-    if stored != fmt.storage_bytes(shape):
-        raise LowbitError(
-            f"{path}: {name} holds {stored} bytes, but {fmt.name} of shape {shape} takes "
-            f"{fmt.storage_bytes(shape)}; the checkpoint is corrupt"
-        )
-
-
-def empty_model(config) -> nn.Module:
-    """The model's modules with parameters on the meta device and real buffers (rotary tables …)."""
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-
-    with init_empty_weights(include_buffers=False), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return AutoModelForCausalLM.from_config(config, dtype=config.dtype)
+def _check_plain_tensors(path: Path, model: nn.Module, planned: dict, stored: StoredTensors) -> dict[str, tuple[str, ...]]:
+    """Every other tensor of the model is stored with its shape, and nothing else is;
+    returns each stored name -> the other names sharing it (a tied lm_head)."""
+    inside = tuple(f"{name}." for name in planned)
+    shapes = {name: tuple(t.shape) for name, t in model.state_dict(keep_vars=True).items()}
+    parameters = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    quantized_keys = {key for _, _, keys, bias in planned.values() for key in (*keys.values(), bias) if key}
+    aliases, missing = {}, []
+    for group in tensor_groups(model):
+        if group[0].startswith(inside):  # a quantized module's weight and bias
+            continue
+        present = [name for name in group if name in stored.entries]
+        if present:
+            aliases[present[0]] = tuple(name for name in group if name != present[0])
+        elif any(name in parameters for name in group):
+            missing.append(group[0])
+    missing += [bias for _, _, _, bias in planned.values() if bias and bias not in stored.entries]
+    if missing:
+        raise LowbitError(f"{path} lacks tensors the model needs: {missing[:5]} (incomplete checkpoint?)")
+    unexpected = [key for key in stored.entries if key not in aliases and key not in quantized_keys]
+    if unexpected:
+        raise LowbitError(f"{path} holds tensors this model does not have: {unexpected[:5]}")
+    for name in aliases:
+        if stored.entries[name].shape != shapes[name]:
+            raise LowbitError(
+                f"{path}: {name} has shape {list(stored.entries[name].shape)}, the model needs {list(shapes[name])}; "
+                "the checkpoint is corrupt"
+            )
+    return aliases
 
 
 def load_native(path: str | os.PathLike):
-    """``(model, tokenizer)`` from a native checkpoint; the model is quantized, on the CPU."""
+    """``(model, tokenizer)`` from a native checkpoint; the model is quantized, on the CPU.
+
+    Every stored tensor is checked against the model its config describes (from the file
+    headers) before any is read; then the tensors are read one at a time, straight into
+    their modules (stored dtypes kept), so the checkpoint is never held twice.
+    """
     from transformers import AutoConfig, AutoTokenizer
 
     path = Path(path)
@@ -139,27 +152,29 @@ def load_native(path: str | os.PathLike):
     modules = manifest.get("modules")
     if not isinstance(modules, dict) or not modules:
         raise LowbitError(f"{path}: the manifest in config.json lists no quantized modules; the checkpoint is corrupt")
-    config = AutoConfig.for_model(**config_dict)
-    model = empty_model(config)
-    tensors = _read_tensors(path)
-    for name, entry in modules.items():
-        prefix = f"{name}.{PART_PREFIX}"
-        parts = {key[len(prefix) :]: tensors.pop(key) for key in list(tensors) if key.startswith(prefix)}
-        try:
-            shape = linear_shape(model.get_submodule(name))
-        except AttributeError:
-            raise LowbitError(f"{path}: the manifest names {name!r}, which this model does not have; the checkpoint is corrupt") from None
-        fmt = get_format(entry["format"])
-        check_parts(path, name, fmt, shape, parts)
-        bias = tensors.pop(f"{name}.bias", None)
-        set_submodule(model, name, QuantLinear(shape[1], shape[0], fmt.name, parts, bias))
-    result = model.load_state_dict(tensors, strict=False, assign=True)
-    if result.unexpected_keys:
-        raise LowbitError(f"{path} holds tensors this model does not have: {result.unexpected_keys[:5]}")
+    for file in sorted(path.glob("*.safetensors")):
+        check_safetensors(file)
+    stored = StoredTensors(path)
+    model = empty_model(AutoConfig.for_model(**config_dict))
     model.tie_weights()
-    missing = [name for name, p in model.named_parameters() if p.is_meta]
-    if missing:
-        raise LowbitError(f"{path} lacks tensors the model needs: {missing[:5]} (incomplete checkpoint?)")
+    planned = _plan_modules(path, model, modules, stored)
+    aliases = _check_plain_tensors(path, model, planned, stored)
+
+    owner = {key: name for name, (_, _, keys, bias) in planned.items() for key in (*keys.values(), bias) if key}
+    waiting: dict[str, dict[str, torch.Tensor]] = {name: {} for name in planned}
+    for key, tensor in stored.read(stored.entries):
+        if key not in owner:
+            value = put_tensor(model, key, tensor)
+            for alias in aliases[key]:
+                put_tensor(model, alias, value)
+            continue
+        name = owner[key]
+        waiting[name][key] = tensor
+        fmt, shape, keys, bias = planned[name]
+        if len(waiting[name]) == len(keys) + (bias is not None):
+            got = waiting.pop(name)
+            parts = {part: got[k] for part, k in keys.items()}
+            set_submodule(model, name, QuantLinear(shape[1], shape[0], fmt, parts, got.get(bias)))
     model.lowbit_manifest = manifest
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
