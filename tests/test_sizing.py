@@ -28,8 +28,10 @@ from lowbit.advisor.sizing import (
     use_more_bits,
     weight_bytes,
 )
+from lowbit.arch import KNOWN_ARCHITECTURES
 from lowbit.errors import LowbitError
 from lowbit.formats import get_format
+from lowbit.formats.gguf_types import GGML_TYPES, TENSOR_TYPE_FALLBACK
 
 CONFIGS = Path(__file__).parent / "data" / "configs"
 LLAMA3_8B = CONFIGS / "Meta-Llama-3-8B"
@@ -102,6 +104,27 @@ def test_moe_parameter_count_matches_real_transformers_model(model_type, extra):
     # transformers stores the experts of a layer fused in 3-D tensors, so only the counts compare
     config = dict(TINY, model_type=model_type, **extra)
     assert parameter_count(config) == sum(p.numel() for p in real_model(config).parameters())
+
+
+DENSE_EXTRA = {
+    **{name: {"head_dim": 16} for name in ("qwen3", "gemma", "gemma2", "gemma3_text")},
+    "phi3": {"pad_token_id": 0},
+}
+
+
+@pytest.mark.parametrize("model_type", [t for t in KNOWN_ARCHITECTURES if not t.endswith("moe") and t != "mixtral"])
+def test_parameter_count_of_every_dense_family_in_the_table(model_type):
+    # phi3 fuses q/k/v and gate/up: the names differ from the Llama layout, the counts do not
+    config = dict(TINY, model_type=model_type, **DENSE_EXTRA.get(model_type, {}))
+    assert parameter_count(config) == sum(p.numel() for p in real_model(config).parameters())
+
+
+def test_sizing_refuses_what_it_cannot_model():
+    no_width = {k: v for k, v in TINY.items() if k != "intermediate_size"}
+    with pytest.raises(LowbitError, match="intermediate_size"):
+        parameter_count(no_width)
+    with pytest.raises(LowbitError, match="multi-head latent attention"):
+        size_report(dict(TINY, kv_lora_rank=512))
 
 
 def int4_bytes_of_real_model(config: dict) -> int:
@@ -194,6 +217,20 @@ def test_gguf_block_geometry():
         "Q2_K": 2.625, "Q3_K": 3.4375, "Q4_K": 4.5, "Q5_K": 5.5, "Q6_K": 6.5625,
     }  # fmt: skip
     assert gguf_tensor_bytes("Q4_K", (4096, 4096)) == 4096 * 16 * 144
+
+
+def test_ggml_type_table_matches_gguf_py():
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    for name, ggml_type in GGML_TYPES.items():
+        assert GGMLQuantizationType[name].value == ggml_type.type_id, name
+        assert GGML_QUANT_SIZES[GGMLQuantizationType[name]] == (ggml_type.block_size, ggml_type.block_bytes), name
+    for needed in ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL", "IQ4_XS"):
+        assert needed in GGML_TYPES
+    assert {f"Q{bits}_K" for bits in range(2, 7)} <= set(GGML_TYPES)
+    for quant, fallback in TENSOR_TYPE_FALLBACK.items():  # a fallback holds the rows its type cannot: blocks of 32
+        assert GGML_TYPES[quant].block_size == 256 and GGML_TYPES[fallback].block_size == 32
+    assert all(GGUF_TYPES[name] is GGML_TYPES[name] for name in GGUF_TYPES)
 
 
 def test_gguf_q4_k_m_picks_types_as_llama_cpp_does():
