@@ -6,24 +6,30 @@
     print(lowbit.evaluate(lowbit.load("out/"), reference="model_dir_or.gguf"))
 """
 
-__version__ = "0.1.0"
-
-from lowbit.api import (  # noqa: E402
+from lowbit.version import __version__
+from lowbit.algorithms import RTNConfig
+from lowbit.api import (
+    DEFAULT_SCHEME,
     DEFAULT_SCHEMES,
     compare,
     evaluate,
+    export,
     generate,
+    inspect,
     load,
     quantize,
     save,
     size,
 )
-from lowbit.errors import LowbitError  # noqa: E402
-from lowbit.formats import get_format  # noqa: E402
-from lowbit.plan import PRESETS, Plan  # noqa: E402
-from lowbit.qtensor import QTensor  # noqa: E402
+from lowbit.errors import LowbitError
+from lowbit.export import exporter_names
+from lowbit.formats import get_format
+from lowbit.plan import PRESETS, Plan
+from lowbit.qtensor import QTensor
+from lowbit.sources import DEFAULT_MODEL
 
 __all__ = [
-    "DEFAULT_SCHEMES", "PRESETS", "LowbitError", "Plan", "QTensor",
-    "compare", "evaluate", "generate", "get_format", "load", "quantize", "save", "size",
+    "DEFAULT_MODEL", "DEFAULT_SCHEME", "DEFAULT_SCHEMES", "PRESETS", "LowbitError", "Plan", "QTensor", "RTNConfig",
+    "__version__", "compare", "evaluate", "export", "exporter_names", "generate", "get_format", "inspect", "load",
+    "quantize", "save", "size",
 ]  # fmt: skip

@@ -28,38 +28,52 @@ def _mb(value: int) -> str:
     return f"{value / 1e6:.1f} MB"
 
 
+def _calibration_options(args) -> dict:
+    return {
+        "calibration": args.calibration,
+        "calibration_samples": args.calibration_samples,
+        "calibration_length": args.calibration_length,
+    }
+
+
+def _print_export(summary: dict) -> None:
+    verb = "quantized" if summary["quantized_now"] else "holds"
+    print(
+        f"{verb} {summary['modules']} linear layers with {summary['plan']}"
+        + (f" in {summary['quantization_seconds']:.1f} s" if summary["quantized_now"] else "")
+        + f"\nweights: {_mb(summary['weight_bytes_before'])} -> {_mb(summary['weight_bytes'])}; "
+        f"decoder linears: {summary['bits_per_weight_before']:.3f} -> {summary['bits_per_weight']:.3f} bits/weight\n"
+        f"saved {summary['path']}" + ("" if summary["target"] == "native" else f" ({summary['target']})")
+    )
+
+
 def cmd_quantize(args) -> None:
     import lowbit
-    from lowbit.eval import bits_per_weight, weight_bytes
-    from lowbit.export.atomic import check_output
-    from lowbit.plan import resolve_scheme
 
-    check_output(Path(args.output), args.overwrite)  # refuse before the slow part
-    plan = resolve_scheme(args.scheme)
-    model = lowbit.load(args.model)
-    before, before_bits = weight_bytes(model), bits_per_weight(model)
-    lowbit.quantize(
-        model, plan, calibration=args.calibration, calibration_samples=args.calibration_samples,
-        calibration_length=args.calibration_length, device=args.device,
+    summary = lowbit.export(
+        args.model, args.output, to="native", scheme=args.scheme, device=args.device, overwrite=args.overwrite,
+        **_calibration_options(args),
     )  # fmt: skip
-    lowbit.save(model, args.output, overwrite=args.overwrite)
-    manifest = model.lowbit_manifest
-    print(
-        f"quantized {len(manifest['modules'])} linear layers with {manifest['plan']['name']} "
-        f"in {manifest['quantization_seconds']:.1f} s\n"
-        f"weights: {_mb(before)} -> {_mb(weight_bytes(model))}; "
-        f"decoder linears: {before_bits:.3f} -> {bits_per_weight(model):.3f} bits/weight\n"
-        f"saved {args.output}"
-    )
+    _print_export(summary)
+
+
+def cmd_export(args) -> None:
+    import lowbit
+
+    summary = lowbit.export(
+        args.model, args.output, to=args.to, scheme=args.scheme, device=args.device, overwrite=args.overwrite,
+        **_calibration_options(args),
+    )  # fmt: skip
+    _print_export(summary)
 
 
 def cmd_eval(args) -> None:
     import lowbit
-    from lowbit.report.table import COMPARISON_COLUMNS, format_table
+    from lowbit.report import COMPARISON_COLUMNS, format_table
 
     result = lowbit.evaluate(
         args.model, reference=args.reference, data=args.data, windows=args.windows,
-        window_length=args.window_length, batch_size=args.batch_size,
+        window_length=args.window_length, batch_size=args.batch_size, device=args.device,
     )  # fmt: skip
     result["scheme"] = Path(args.model).name
     print(format_table([result], [c for c in COMPARISON_COLUMNS if c[1] != "quantization_seconds"]))
@@ -84,17 +98,17 @@ def cmd_compare(args) -> None:
 
 def cmd_size(args) -> None:
     import lowbit
-    from lowbit.advisor.sizing import format_report
+    from lowbit.report import format_size_report
 
     report = lowbit.size(args.model, context=args.context, batch=args.batch, gpu_memory=args.gpu_memory)
-    print(format_report(report))
+    print(format_size_report(report))
     _write_json(args.json, report)
 
 
 def cmd_inspect(args) -> None:
-    from lowbit.inspection import inspect_checkpoint
+    import lowbit
 
-    report = inspect_checkpoint(args.path)
+    report = lowbit.inspect(args.path)
     print(f"{report['path']} ({report['kind']}): {report['architecture']}")
     if report["plan"]:
         print(f"quantized by lowbit with {report['plan']} from {report['source']}")
@@ -113,7 +127,7 @@ def cmd_inspect(args) -> None:
 def cmd_generate(args) -> None:
     import lowbit
 
-    print(lowbit.generate(args.model, args.prompt, max_new_tokens=args.max_new_tokens))
+    print(lowbit.generate(args.model, args.prompt, max_new_tokens=args.max_new_tokens, device=args.device))
 
 
 def _add_eval_options(parser: argparse.ArgumentParser, windows_help: str) -> None:
@@ -122,28 +136,41 @@ def _add_eval_options(parser: argparse.ArgumentParser, windows_help: str) -> Non
     parser.add_argument("--window-length", type=int, default=512, help="tokens per window (default 512)")
     parser.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (default 1)")
     parser.add_argument("--json", help="also write the results to this JSON file")
+    parser.add_argument("--device", help="where to run the models: cpu, cuda, cuda:N (default: cpu)")
+
+
+def _add_quantize_options(parser: argparse.ArgumentParser, presets, scheme_default: str | None = "int4-g128") -> None:
+    default = f"default {scheme_default}" if scheme_default else "default int4-g128 for a model not yet quantized"
+    parser.add_argument(
+        "--scheme", "-s", default=scheme_default,
+        help=f"preset ({', '.join(presets)}), format name, or plan file (.yaml/.json); add +clip for the clipping search ({default})",
+    )  # fmt: skip
+    parser.add_argument("--output", "-o", required=True, help="output directory (written under a temporary name, then renamed)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the output if it exists")
+    parser.add_argument("--calibration", help="calibration text (.txt, .jsonl or a directory) for algorithms that use statistics, such as +clip (default: built-in text)")
+    parser.add_argument("--calibration-samples", type=int, default=128, help="calibration windows drawn from the text (default 128)")
+    parser.add_argument("--calibration-length", type=int, default=512, help="tokens per calibration window (default 512)")
+    parser.add_argument("--device", help="where each layer is quantized: cpu, cuda, cuda:N (default: cuda if available, else cpu)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from lowbit.api import DEFAULT_SCHEMES
-    from lowbit.plan import PRESETS
-    from lowbit.sources import DEFAULT_MODEL
+    from lowbit import DEFAULT_MODEL, DEFAULT_SCHEMES, PRESETS, exporter_names
 
     parser = argparse.ArgumentParser(prog="lowbit", description="Make LLMs small and measure what it cost.")
     parser.add_argument("--version", action="version", version=f"lowbit {__import__('lowbit').__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     model_help = f"a model directory, a GGUF file, a hub id, or {DEFAULT_MODEL} (the embedded default)"
 
-    p = sub.add_parser("quantize", help="quantize a model and save a native checkpoint")
+    p = sub.add_parser("quantize", help="quantize a model and save a native checkpoint (= export --to native)")
     p.add_argument("model", help=model_help)
-    p.add_argument("--scheme", "-s", default="int4-g128", help=f"preset ({', '.join(PRESETS)}), format name, or plan file (.yaml/.json); add +clip for the clipping search")
-    p.add_argument("--output", "-o", required=True, help="output directory")
-    p.add_argument("--overwrite", action="store_true", help="replace the output if it exists")
-    p.add_argument("--calibration", help="calibration text file for +clip (weights errors by activations; default: built-in text)")
-    p.add_argument("--calibration-samples", type=int, default=128)
-    p.add_argument("--calibration-length", type=int, default=512)
-    p.add_argument("--device", help="where each layer is quantized (default: cuda if available, else cpu)")
+    _add_quantize_options(p, PRESETS)
     p.set_defaults(run=cmd_quantize)
+
+    p = sub.add_parser("export", help="write a model in a runtime's layout, quantizing it first if it is not yet")
+    p.add_argument("model", help=model_help + ", or a lowbit checkpoint (written as it is)")
+    p.add_argument("--to", default="native", choices=exporter_names(), help="target layout (default native)")
+    _add_quantize_options(p, PRESETS, scheme_default=None)
+    p.set_defaults(run=cmd_export)
 
     p = sub.add_parser("eval", help="perplexity, KL and top-1 against a reference, memory and speed")
     p.add_argument("model", help=model_help + ", or a lowbit checkpoint")
@@ -155,7 +182,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=model_help + f" (default {DEFAULT_MODEL})")
     p.add_argument("--schemes", help=f"comma-separated schemes (default {','.join(DEFAULT_SCHEMES)})")
     p.add_argument("--calibration", help="calibration text file for +clip schemes (default: built-in text)")
-    p.add_argument("--device", help="where each layer is quantized")
     _add_eval_options(p, "number of windows (default: as many as the text holds, at most 40)")
     p.set_defaults(run=cmd_compare)
 
@@ -168,15 +194,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_size)
 
     p = sub.add_parser("inspect", help="what a checkpoint or GGUF file holds")
-    p.add_argument("path")
+    p.add_argument("path", help="a lowbit checkpoint, a Hugging Face model directory, or a GGUF file")
     p.add_argument("--tensors", action="store_true", help="list every tensor")
     p.add_argument("--json", help="also write the report to this JSON file")
     p.set_defaults(run=cmd_inspect)
 
     p = sub.add_parser("generate", help="see what a (quantized) model writes")
     p.add_argument("model", help=model_help + ", or a lowbit checkpoint")
-    p.add_argument("--prompt", "-p", required=True)
-    p.add_argument("--max-new-tokens", "-n", type=int, default=64)
+    p.add_argument("--prompt", "-p", required=True, help="the text to continue (instruct models get their chat template)")
+    p.add_argument("--max-new-tokens", "-n", type=int, default=64, help="tokens to generate (default 64)")
+    p.add_argument("--device", help="where to run: cpu, cuda, cuda:N (default: cpu)")
     p.set_defaults(run=cmd_generate)
     return parser
 

@@ -18,6 +18,7 @@ import lowbit
 from lowbit.cli import main
 from lowbit.eval import bits_per_weight, weight_bytes
 from lowbit.nn import quantized_linears
+from lowbit.formats import get_format
 from lowbit.plan import PRESETS
 from test_eval import EVALUATE_KEYS
 
@@ -108,8 +109,10 @@ def test_quantize_with_calibration_and_plan_file(tiny_model_dir, eval_text_file,
     manifest = lowbit.load(out).lowbit_manifest
     assert manifest["calibration"] == {"samples": 5, "length": 32}
     assert manifest["plan"]["name"] == "plan.yaml"
-    assert manifest["modules"]["model.layers.0.mlp.up_proj"] == {"format": "int4-g32", "algorithm": "rtn", "clip_search": True}
-    assert manifest["modules"]["model.layers.0.self_attn.q_proj"] == {"format": "int8", "algorithm": "rtn"}
+    assert manifest["modules"]["model.layers.0.mlp.up_proj"] == {
+        "format": "int4-g32", "spec": get_format("int4-g32").spec(), "algorithm": "rtn", "clip_search": True
+    }  # fmt: skip
+    assert manifest["modules"]["model.layers.0.self_attn.q_proj"] == {"format": "int8", "spec": get_format("int8").spec(), "algorithm": "rtn"}
 
 
 def test_eval(quantized_dir, tiny_model_dir, eval_text_file, tmp_path, cli):

@@ -36,7 +36,7 @@ from lowbit.arch import input_groups_of
 from lowbit.errors import LowbitError
 from lowbit.formats import get_format
 from lowbit.nn import QuantLinear
-from lowbit.pipeline import LayerBlock, capture_layer_inputs
+from lowbit.pipeline import LayerBlock, capture_layer_inputs, quantize_model
 from lowbit.plan import Plan, make_rule
 
 #: relative Frobenius error of the logits: int8 (per channel) is tight, 4-bit is looser
@@ -555,3 +555,10 @@ def test_quantize_accepts_a_device_and_a_format_name():
     groups = math.ceil(in_features / 16)
     # asymmetric int5: codes + float16 scales + 5-bit zeros, per row
     assert qkv.qtensor.nbytes == out_features * (math.ceil(in_features * 5 / 8) + 2 * groups + math.ceil(groups * 5 / 8))
+
+
+def test_lm_head_without_statistics_warns():
+    model = tiny_model("llama", tie_word_embeddings=False)
+    plan = Plan([make_rule("*", "int4-g32+clip")])
+    with pytest.warns(UserWarning, match="lm_head is outside the decoder layers"):
+        quantize_model(copy.deepcopy(model), plan, calibration=tiny_tokens(4, 16), progress=False)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import yaml
 
 from lowbit.algorithms import RTNConfig, method_names
 from lowbit.errors import LowbitError, UnknownNameError
@@ -328,3 +329,19 @@ def test_missing_plan_file(tmp_path):
 def test_plan_is_passed_through():
     plan = Plan([make_rule("*", "int8")])
     assert resolve_scheme(plan) is plan
+
+
+def test_manifest_plan_is_a_plan_file(tmp_path):
+    plan = resolve_scheme("int4-g32+clip")
+    path = tmp_path / "plan.yaml"
+    path.write_text(yaml.safe_dump(plan.to_dict()))
+    loaded = load_plan_file(path)
+    assert [r.to_dict() for r in loaded.rules] == [r.to_dict() for r in plan.rules]
+
+
+@pytest.mark.parametrize("suffix, text", [(".yaml", '"*": int8\n"*": nf4\n'), (".json", '{"*": "int8", "*": "nf4"}')])
+def test_repeated_pattern_is_refused(tmp_path, suffix, text):
+    path = tmp_path / f"plan{suffix}"
+    path.write_text(text)
+    with pytest.raises(LowbitError, match="appears twice"):
+        load_plan_file(path)

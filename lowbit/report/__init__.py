@@ -1,5 +1,6 @@
 """Reports: plain-text tables for the terminal (HTML reports come later)."""
 
-from lowbit.report.table import format_table
+from lowbit.advisor.sizing import format_report as format_size_report
+from lowbit.report.table import COMPARISON_COLUMNS, format_table
 
-__all__ = ["format_table"]
+__all__ = ["COMPARISON_COLUMNS", "format_size_report", "format_table"]
