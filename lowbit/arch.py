@@ -158,6 +158,8 @@ class Architecture:
     norms_per_layer: int = 2
     #: tie_word_embeddings when the config omits it
     tied_by_default: bool = False
+    #: head_dim when the config omits it (the family's transformers default); None: hidden / heads
+    default_head_dim: int | None = None
     #: every N-th layer attends fully, the others slide
     sliding_window_pattern: int | None = None
     #: run through the pipeline in the test suite (a tiny random model per family)
@@ -173,15 +175,16 @@ KNOWN_ARCHITECTURES: dict[str, Architecture] = _entries(
     Architecture("llama", pipeline_tested=True),
     Architecture("mistral", pipeline_tested=True),
     Architecture("qwen2", qkv_bias=True, pipeline_tested=True),
-    Architecture("qwen3", qk_norm=True, pipeline_tested=True),
+    Architecture("qwen3", qk_norm=True, default_head_dim=128, pipeline_tested=True),
     Architecture("phi3", input_groups=PHI3_GROUPS, linear_kinds=PHI3_LINEAR_KINDS, pipeline_tested=True),
-    Architecture("gemma", norm_offset=1.0, tied_by_default=True, pipeline_tested=True),
+    Architecture("gemma", norm_offset=1.0, tied_by_default=True, default_head_dim=256, pipeline_tested=True),
     Architecture(
         "gemma2",
         input_groups=GEMMA2_GROUPS,
         norm_offset=1.0,
         norms_per_layer=4,
         tied_by_default=True,
+        default_head_dim=256,
         sliding_window_pattern=2,
         pipeline_tested=True,
     ),
@@ -194,6 +197,7 @@ KNOWN_ARCHITECTURES: dict[str, Architecture] = _entries(
         qk_norm=True,
         norms_per_layer=4,
         tied_by_default=True,
+        default_head_dim=256,
         sliding_window_pattern=6,
     ),
     Architecture("mixtral", input_groups=MOE_GROUPS, linear_kinds=MOE_LINEAR_KINDS),

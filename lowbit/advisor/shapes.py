@@ -108,7 +108,7 @@ class Dimensions:
             layers=layers,
             heads=heads,
             kv_heads=config.get("num_key_value_heads") or heads,
-            head_dim=config.get("head_dim") or config["hidden_size"] // heads,
+            head_dim=config.get("head_dim") or architecture.default_head_dim or config["hidden_size"] // heads,
             vocab=config["vocab_size"],
             intermediate=dense_width,
             experts=experts,
