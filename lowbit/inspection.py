@@ -15,7 +15,7 @@ from lowbit.errors import LowbitError
 from lowbit.lazy import StoredTensors
 from lowbit.nn import PART_PREFIX, linear_shape
 from lowbit.skeleton import check_stored_bytes, empty_model, manifest_format
-from lowbit.sources import read_json, resolve_model
+from lowbit.sources import check_gguf, read_json, resolve_model
 
 
 def _skeleton(config: dict):
@@ -57,6 +57,7 @@ def _inspect_directory(path: Path, native: bool) -> dict:
 def _inspect_gguf(path: Path) -> dict:
     from gguf import GGUFReader
 
+    check_gguf(path)
     reader = GGUFReader(path)
     field = reader.fields.get("general.architecture")
     architecture = bytes(field.parts[field.data[0]]).decode() if field else None

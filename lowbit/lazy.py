@@ -11,8 +11,8 @@ what it needs when it needs it:
 - ``materialize_outside(prefix)``: everything else (embeddings, final norm, ``lm_head``);
 - ``materialize_all()``; ``pending()`` lists the names still on the meta device.
 
-Tensors are read one at a time with ``safe_open`` (each file is opened for one call and
-closed after it, so its pages do not stay mapped), cast to the dtype the skeleton was built
+Tensors are read one at a time into memory of their own (plain reads, no memory map that
+would keep the file's pages resident), cast to the dtype the skeleton was built
 in (the requested dtype, else the config's, else the checkpoint's first float dtype: what
 transformers' ``dtype="auto"`` picks) and assigned into their modules. Nothing else keeps
 the float weights: once the pipeline replaces a layer's linears, its float tensors are gone.
@@ -60,11 +60,12 @@ class NeedsEagerLoading(Exception):
 
 @dataclass(frozen=True)
 class StoredTensor:
-    """Where one tensor lies and what it is, from its file's header."""
+    """Where one tensor lies (``offset``: from the file's start) and what it is, from its file's header."""
 
     file: Path
     dtype_name: str
     shape: tuple[int, ...]
+    offset: int
     nbytes: int
 
     @property
@@ -72,13 +73,14 @@ class StoredTensor:
         return SAFETENSORS_DTYPES.get(self.dtype_name)
 
 
-def read_header(file: Path) -> dict:
-    """A safetensors file's tensor entries (its ``__metadata__`` left out), read by hand."""
+def read_header(file: Path) -> tuple[dict, int]:
+    """A safetensors file's tensor entries (its ``__metadata__`` left out), read by hand, and
+    where its data section starts."""
     with open(file, "rb") as f:
         (length,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(length))
     header.pop("__metadata__", None)
-    return header
+    return header, 8 + length
 
 
 class StoredTensors:
@@ -100,23 +102,32 @@ class StoredTensors:
         for file in files:
             if not file.is_file():
                 raise LowbitError(f"{index} names {file.name}, which is not there (incomplete download?)")
-            for key, info in read_header(file).items():
+            header, data_start = read_header(file)
+            for key, info in header.items():
                 if key in self.entries:
                     raise LowbitError(f"{self.directory}: tensor {key!r} is stored twice ({self.entries[key].file.name}, {file.name})")
                 start, end = info["data_offsets"]
-                self.entries[key] = StoredTensor(file, info["dtype"], tuple(info["shape"]), end - start)
+                self.entries[key] = StoredTensor(file, info["dtype"], tuple(info["shape"]), data_start + start, end - start)
 
     def read(self, keys: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
-        """``(key, tensor)`` for each key, file by file; each file is closed before the next."""
-        from safetensors import safe_open
+        """``(key, tensor)`` for each key, file by file, each read into memory of its own.
 
+        Plain reads, not a memory map: a tensor mapped from the file would keep the whole
+        file's mapping alive, and every page ever touched would stay in the process's
+        resident memory after the tensor itself was dropped.
+        """
         by_file: dict[Path, list[str]] = defaultdict(list)
         for key in keys:
             by_file[self.entries[key].file].append(key)
         for file, file_keys in by_file.items():
-            with safe_open(file, framework="pt") as f:
+            with open(file, "rb") as f:
                 for key in file_keys:
-                    yield key, f.get_tensor(key)
+                    entry = self.entries[key]
+                    data = torch.empty(entry.nbytes, dtype=torch.uint8)
+                    f.seek(entry.offset)
+                    if f.readinto(data.numpy()) != entry.nbytes:
+                        raise LowbitError(f"{file} ends inside tensor {key!r} (truncated); re-download or re-export it")
+                    yield key, data.view(entry.dtype).reshape(entry.shape)
 
 
 def _tensor_at(model: nn.Module, name: str) -> torch.Tensor | None:

@@ -5,8 +5,9 @@ says what is wrong and what to do, not a traceback from deep inside a loader:
 
 - a safetensors file's header length, JSON and tensor offsets are checked against the file
   size before transformers touches it;
-- a GGUF file's magic, version and counts are checked against the file size, then gguf-py
-  (llama.cpp's own reader) parses it; a failure there is reported as a corrupt file;
+- a GGUF file's magic, version and counts are checked against the file size; before it is
+  dequantized (once: ``gguf_cache``), gguf-py (llama.cpp's own reader) parses it completely,
+  and a failure there is reported as a corrupt file;
 - a hub id is only tried when the path does not exist locally, and a failure to reach the
   hub says so.
 
@@ -67,7 +68,7 @@ def resolve_model(spec: str | os.PathLike) -> ModelSource:
     text = str(spec)
     if text == DEFAULT_MODEL:
         path = default_model_path()
-        check_gguf(path)
+        check_gguf_header(path)
         return ModelSource("gguf", str(path.parent), path.name)
     path = Path(text).expanduser()
     if path.is_file():
@@ -75,7 +76,7 @@ def resolve_model(spec: str | os.PathLike) -> ModelSource:
             raise LowbitError(
                 f"{path} is a file but not a GGUF model; give a GGUF file or a model directory (with config.json)"
             )
-        check_gguf(path)
+        check_gguf_header(path)
         return ModelSource("gguf", str(path.parent), path.name)
     if path.is_dir():
         return _resolve_directory(path)
@@ -89,7 +90,7 @@ def _resolve_directory(path: Path) -> ModelSource:
     if not config_path.is_file():
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) == 1:
-            check_gguf(ggufs[0])
+            check_gguf_header(ggufs[0])
             return ModelSource("gguf", str(path), ggufs[0].name)
         hint = f"; it holds {len(ggufs)} GGUF files, name one" if ggufs else ""
         raise LowbitError(f"{path} is not a model directory: it has no config.json{hint}")
@@ -157,8 +158,8 @@ def check_safetensors(path: Path) -> None:
             )
 
 
-def check_gguf(path: Path) -> None:
-    """Check a GGUF file's header against its size, then let gguf-py parse it completely."""
+def check_gguf_header(path: Path) -> None:
+    """Check a GGUF file's magic, version and counts against its size (cheap: 24 bytes)."""
     size = path.stat().st_size
     bad = f"{path} is not a valid GGUF file"
     with open(path, "rb") as f:
@@ -171,6 +172,14 @@ def check_gguf(path: Path) -> None:
     # every tensor info takes at least 28 bytes and every metadata entry at least 12
     if n_tensors * 28 + n_metadata * 12 > size:
         raise LowbitError(f"{bad}: its header counts {n_tensors} tensors and {n_metadata} keys, more than fit in {size} bytes")
+
+
+def check_gguf(path: Path) -> None:
+    """Check a GGUF file's header against its size, then let gguf-py parse it completely
+    (seconds for a large vocabulary: done before the file is dequantized, not on every load)."""
+    check_gguf_header(path)
+    size = path.stat().st_size
+    bad = f"{path} is not a valid GGUF file"
     from gguf import GGUFReader
 
     try:
@@ -235,6 +244,7 @@ def _load_gguf(source: ModelSource, dtype, lazy: bool) -> tuple[torch.nn.Module,
     loaded = []
 
     def dequantize():
+        check_gguf(Path(source.path) / source.gguf_file)
         loaded.append((_from_pretrained(source, None), load_tokenizer(source)))
         return loaded[0]
 
