@@ -3,27 +3,33 @@
 A QTensor is plain data. Its ``parts`` are the tensors a format stores (for example
 ``packed``, ``scale`` and ``zero`` for the integer formats); their names are what the
 native checkpoint writes, so the bytes counted by :attr:`QTensor.nbytes` are the bytes on
-disk. Meaning lives in the format: ``qtensor.dequantize()`` asks it.
+disk. Meaning lives in the format object it holds: ``qtensor.dequantize()`` asks it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from lowbit.formats.base import Format
 
 
 @dataclass
 class QTensor:
-    format_name: str
+    format: Format
     shape: tuple[int, int]
     parts: dict[str, torch.Tensor] = field(default_factory=dict)
 
-    @property
-    def format(self):
-        from lowbit.formats import get_format
+    def __post_init__(self) -> None:
+        if isinstance(self.format, str):
+            raise TypeError(f"QTensor takes a Format object (get_format({self.format!r})), not a format name")
 
-        return get_format(self.format_name)
+    @property
+    def format_name(self) -> str:
+        return self.format.name
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.format.dequantize(self, dtype)
@@ -46,7 +52,7 @@ class QTensor:
         return next(iter(self.parts.values())).device
 
     def to(self, device: torch.device | str) -> QTensor:
-        return QTensor(self.format_name, self.shape, {k: v.to(device) for k, v in self.parts.items()})
+        return QTensor(self.format, self.shape, {k: v.to(device) for k, v in self.parts.items()})
 
     def __repr__(self) -> str:
         return (

@@ -221,7 +221,7 @@ def int_case(name):
 def check_integer_against_reference(name, w, ratio=None):
     bits, symmetric, group, per_tensor = int_case(name)
     fmt = get_format(name)
-    q = fmt.quantize(w) if ratio is None else fmt.quantize(w, clip_ratio=ratio)
+    q = fmt.quantize(w) if ratio is None else fmt.quantize(w, clip=ratio)
     codes, scales, zeros, dequantized = reference_integer(w, bits, symmetric, group, per_tensor, ratio)
     assert_same(unpack(q.parts["packed"], bits, w.shape[1]), codes.to(torch.uint8), f"{name} codes")
     assert_same(q.parts["packed"], reference_pack(codes, bits), f"{name} packed bytes")
@@ -253,17 +253,17 @@ def test_integer_clip_ratio_matches_reference(name, shape):
     fmt = get_format(name)
     groups = 1 if per_tensor else math.ceil(shape[1] / (group or shape[1]))
     expected_clip_shape = (1, 1) if per_tensor else (shape[0], groups)
-    assert fmt.clip_shape(shape) == expected_clip_shape
+    assert fmt.groups(shape).shape == expected_clip_shape
     ratio = torch.empty(expected_clip_shape).uniform_(0.5, 1.0, generator=torch.Generator().manual_seed(1))
     check_integer_against_reference(name, w, ratio)
-    # group_error sums a (rows, columns) error over exactly these groups
+    # groups(shape).sum sums a (rows, columns) error over exactly these groups
     error = torch.rand(shape, generator=torch.Generator().manual_seed(2))
     expected = torch.zeros(expected_clip_shape, dtype=torch.float64)
     for r in range(shape[0]):
         for c in range(shape[1]):
             index = (0, 0) if per_tensor else (r, c // (group or shape[1]))
             expected[index] += error[r, c].double()
-    torch.testing.assert_close(fmt.group_error(error).double(), expected, rtol=1e-5, atol=0)
+    torch.testing.assert_close(fmt.groups(shape).sum(error).double(), expected, rtol=1e-5, atol=0)
 
 
 def grid_error_bound(step: torch.Tensor, levels: int) -> torch.Tensor:
@@ -463,10 +463,10 @@ def test_nf4_codes_are_nearest_in_exact_arithmetic(name):
 def test_nf4_clip_ratio_matches_reference(name, shape):
     _, block, _ = SPEC[name]
     fmt = get_format(name)
-    assert fmt.clip_shape(shape) == (shape[0], math.ceil(shape[1] / block))
+    assert fmt.groups(shape).shape == (shape[0], math.ceil(shape[1] / block))
     w = make_weight(shape, "outliers", seed=8)
-    ratio = torch.empty(fmt.clip_shape(shape)).uniform_(0.5, 1, generator=torch.Generator().manual_seed(3))
-    q = fmt.quantize(w, clip_ratio=ratio)
+    ratio = torch.empty(fmt.groups(shape).shape).uniform_(0.5, 1, generator=torch.Generator().manual_seed(3))
+    q = fmt.quantize(w, clip=ratio)
     codes, absmax, _, dequantized = reference_nf4(w, block, False, ratio)
     assert_same(unpack(q.parts["packed"], 4, shape[1]), codes.to(torch.uint8), "codes")
     assert_same(q.parts["absmax"], absmax, "clipped absmax")
@@ -648,10 +648,10 @@ def test_fp8_clip_ratio_and_saturation(name):
     _, _, dtype, limit = FP8_LAYOUT[variant]
     fmt = get_format(name)
     shape = (6, 50)
-    assert fmt.clip_shape(shape) == ((1, 1) if per_tensor else (6, 1))
+    assert fmt.groups(shape).shape == ((1, 1) if per_tensor else (6, 1))
     w = make_weight(shape, "outliers", seed=12)
-    ratio = torch.full(fmt.clip_shape(shape), 0.5)
-    q = fmt.quantize(w, clip_ratio=ratio)
+    ratio = torch.full(fmt.groups(shape).shape, 0.5)
+    q = fmt.quantize(w, clip=ratio)
     codes, _, dequantized = reference_fp8(w, variant, per_tensor, ratio)
     assert_same(q.parts["data"], codes, "clipped codes")
     assert_same(q.dequantize(), dequantized, "clipped dequantized")
@@ -1087,4 +1087,4 @@ def test_clip_ratio_refused_where_there_is_no_search(name):
     fmt = get_format(name)
     assert not fmt.supports_clip
     with pytest.raises(ValueError, match="clipping"):
-        fmt.quantize(torch.randn(2, 64), clip_ratio=torch.ones(2, 2))
+        fmt.quantize(torch.randn(2, 64), clip=torch.ones(2, 2))

@@ -1,19 +1,33 @@
 """Weight formats: what a quantized number is, one module per family.
 
-``get_format(name)`` is the one registry: each family module contributes a ``parse``
-function that recognises its names (``int4-g128``, ``nf4-dq``, ``fp8-e5m2``, ``mxfp4``,
-``bf16`` …) and builds the format. A new family is one module and one line in ``FAMILIES``.
+``get_format(name)`` is the one registry of names: each family module contributes a
+``parse`` function that recognises its names (``int4-g128``, ``nf4-dq``, ``fp8-e5m2``,
+``mxfp4``, ``bf16`` …) and builds the format. A format object is its own typed spec:
+``fmt.spec()`` writes it as a JSON-able dict and :func:`format_from_spec` reads it back.
+A new family is one module and one line in ``FAMILIES``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
 from functools import lru_cache
+from typing import Any
 
 from lowbit.errors import LowbitError, UnknownNameError
 from lowbit.formats import floating, fp4, fp8, integer, nf4
-from lowbit.formats.base import Format, Groups
+from lowbit.formats.base import Format, ScaleGroups
+from lowbit.formats.floating import FloatFormat, FloatParams
+from lowbit.formats.fp4 import MXFP4Format, MXParams
+from lowbit.formats.fp8 import FP8Format, FP8Params
+from lowbit.formats.integer import IntegerFormat, IntegerParams
+from lowbit.formats.nf4 import NF4Format, NF4Params
 
 FAMILIES = (floating, integer, nf4, fp8, fp4)
+#: the class of each ``spec()["family"]``
+FORMAT_CLASSES: dict[str, type[Format]] = {
+    cls.family: cls for cls in (FloatFormat, IntegerFormat, NF4Format, FP8Format, MXFP4Format)
+}
 
 #: Names shown to users as examples of what ``get_format`` accepts.
 EXAMPLE_NAMES = (
@@ -41,4 +55,49 @@ def get_format(name: str) -> Format:
     raise UnknownNameError(f"unknown format {name!r}. Formats are named {NAME_GRAMMAR}.")
 
 
-__all__ = ["Format", "Groups", "get_format", "EXAMPLE_NAMES", "NAME_GRAMMAR"]
+def format_from_spec(spec: Mapping[str, Any]) -> Format:
+    """The format that ``spec`` (a :meth:`Format.spec` dict) describes.
+
+    The spec must hold exactly ``family``, ``name`` and the family's fields, and describe a
+    format the name grammar accepts (so every range check of ``get_format`` applies);
+    anything else raises LowbitError.
+    """
+    if not isinstance(spec, Mapping):
+        raise LowbitError(f"a format spec is a mapping with 'family', 'name' and the format's fields, got {spec!r}")
+    family = spec.get("family")
+    cls = FORMAT_CLASSES.get(family) if isinstance(family, str) else None
+    if cls is None:
+        raise LowbitError(f"format spec {dict(spec)!r} has no known 'family'; families are {sorted(FORMAT_CLASSES)}")
+    fields = [field.name for field in dataclasses.fields(cls)]
+    expected = {"family", "name", *fields}
+    if set(spec) != expected:
+        raise LowbitError(f"format spec {dict(spec)!r} must have exactly the keys {sorted(expected)}")
+    try:
+        built = cls(**{field: spec[field] for field in fields})
+        canonical = get_format(built.name) if isinstance(built.name, str) else None
+    except (LowbitError, TypeError, ValueError):
+        canonical = None
+    if canonical is None or canonical != built or canonical.name != spec["name"]:
+        raise LowbitError(f"format spec {dict(spec)!r} does not describe a valid format ({NAME_GRAMMAR})")
+    return canonical
+
+
+__all__ = [
+    "EXAMPLE_NAMES",
+    "FORMAT_CLASSES",
+    "NAME_GRAMMAR",
+    "FP8Format",
+    "FP8Params",
+    "FloatFormat",
+    "FloatParams",
+    "Format",
+    "IntegerFormat",
+    "IntegerParams",
+    "MXFP4Format",
+    "MXParams",
+    "NF4Format",
+    "NF4Params",
+    "ScaleGroups",
+    "format_from_spec",
+    "get_format",
+]  # fmt: skip

@@ -8,7 +8,8 @@ is ``floor(log2(max|w|)) - 2`` (2 being E2M1's largest exponent), clamped to the
 rounded to the nearest E2M1 value, ties to the even code (the one whose mantissa bit is 0).
 
 Parts: ``packed`` uint8 ``(out, ceil(in/2))``, the 4-bit codes ``sign << 3 | magnitude index``
-packed low nibble first; ``exponent`` uint8 ``(out, blocks)``, the E8M0 byte (exponent + 127).
+packed low nibble first; ``exponent`` uint8 ``(out, blocks)``, the E8M0 byte (exponent + 127),
+which is also the params (:class:`MXParams`).
 """
 
 from __future__ import annotations
@@ -17,9 +18,14 @@ from dataclasses import dataclass
 
 import torch
 
-from lowbit.formats.base import Format, Groups, check_matrix
+from lowbit.formats.base import (
+    Format,
+    ScaleGroups,
+    check_matrix,
+    column_range,
+    refuse_importance,
+)
 from lowbit.formats.packing import pack, packed_bytes, unpack
-from lowbit.qtensor import QTensor
 
 E2M1_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
 E2M1_MAX_EXPONENT = 2
@@ -35,41 +41,66 @@ def round_to_e2m1(magnitude: torch.Tensor) -> torch.Tensor:
     return torch.where(at_tie & (below % 2 == 1), below + 1, below)
 
 
+@dataclass(frozen=True, eq=False)
+class MXParams:
+    """``exponent``: the E8M0 byte of each block, uint8 ``(out, blocks)``: the block scale is
+    ``2**(exponent - 127)``."""
+
+    exponent: torch.Tensor
+
+
 @dataclass(frozen=True, repr=False)
 class MXFP4Format(Format):
-    name: str = "mxfp4"
+    family = "mxfp4"
+
+    @property
+    def name(self) -> str:
+        return "mxfp4"
+
+    def groups(self, shape: tuple[int, int]) -> ScaleGroups:
+        return ScaleGroups(shape[0], shape[1], BLOCK)
 
     def storage_bytes(self, shape: tuple[int, int]) -> int:
-        return shape[0] * (packed_bytes(shape[1], 4) + Groups(shape[1], BLOCK).count)
+        return shape[0] * (packed_bytes(shape[1], 4) + self.groups(shape).count)
 
-    def quantize(self, weight: torch.Tensor, clip_ratio: torch.Tensor | None = None) -> QTensor:
+    def choose_params(
+        self, weight: torch.Tensor, *, clip: torch.Tensor | None = None, importance: torch.Tensor | None = None
+    ) -> MXParams:
         check_matrix(weight, self.name)
-        if clip_ratio is not None:
+        if clip is not None:
             raise ValueError("mxfp4 scales are powers of two fixed by the spec; it has no clipping search")
-        shape = (weight.shape[0], weight.shape[1])
-        groups = Groups(shape[1], BLOCK)
-        blocks = groups.split(weight.float())
-        absmax = blocks.abs().amax(-1)
+        refuse_importance(importance, self.name)
+        absmax = self.groups((weight.shape[0], weight.shape[1])).split(weight.float()).abs().amax(-1)
         # frexp reads floor(log2(absmax)) from the float's bits; log2 in float32 rounds up
         # just below a power of two and would pick an exponent one too large
         _, exponent = torch.frexp(absmax.clamp(min=torch.finfo(torch.float32).tiny))
         exponent = (exponent.float() - 1 - E2M1_MAX_EXPONENT).clamp(-127, 127)
-        scaled = (blocks / torch.exp2(exponent).unsqueeze(-1)).clamp(-6, 6)
-        codes = round_to_e2m1(scaled.abs()) | ((scaled < 0).to(torch.int64) << 3)
-        parts = {
-            "packed": pack(groups.merge(codes.to(torch.uint8)), 4),
-            "exponent": (exponent + 127).to(torch.uint8),
-        }
-        return QTensor(self.name, shape, parts)
+        return MXParams((exponent + 127).to(torch.uint8))
 
-    def dequantize(self, qtensor: QTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        shape = qtensor.shape
-        groups = Groups(shape[1], BLOCK)
-        codes = groups.split(unpack(qtensor.parts["packed"], 4, shape[1]).long())
-        magnitude = E2M1_VALUES.to(codes.device)[codes & 7]
-        values = torch.where(codes >= 8, -magnitude, magnitude)
-        scale = torch.exp2(qtensor.parts["exponent"].float() - 127)
-        return groups.merge(values * scale.unsqueeze(-1)).to(dtype)
+    def _scale(self, params: MXParams, rows: int, span: range) -> torch.Tensor:
+        """The power-of-two scale of every column of ``span``."""
+        exponent = self.groups((rows, span.stop)).per_column(params.exponent, span)
+        return torch.exp2(exponent.float() - 127)
+
+    def encode(self, weight: torch.Tensor, params: MXParams, columns: slice | None = None) -> torch.Tensor:
+        check_matrix(weight, self.name)
+        scale = self._scale(params, weight.shape[0], column_range(columns, weight.shape[1]))
+        scaled = (weight.float() / scale).clamp(-6, 6)
+        codes = round_to_e2m1(scaled.abs()) | ((scaled < 0).to(torch.int64) << 3)
+        return codes.to(torch.uint8)
+
+    def decode(
+        self, codes: torch.Tensor, params: MXParams, columns: slice | None = None, dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor:
+        scale = self._scale(params, codes.shape[0], column_range(columns, codes.shape[1]))
+        magnitude = E2M1_VALUES.to(codes.device)[codes.long() & 7]
+        return (torch.where(codes >= 8, -magnitude, magnitude) * scale).to(dtype)
+
+    def pack(self, codes: torch.Tensor, params: MXParams) -> dict[str, torch.Tensor]:
+        return {"packed": pack(codes, 4), "exponent": params.exponent}
+
+    def unpack(self, parts: dict[str, torch.Tensor], shape: tuple[int, int]) -> tuple[torch.Tensor, MXParams]:
+        return unpack(parts["packed"], 4, shape[1]), MXParams(parts["exponent"])
 
 
 def parse(name: str) -> MXFP4Format | None:

@@ -6,7 +6,8 @@ per tensor (``fp8-e4m3-tensor``). E4M3 here is the ``fn`` variant used by every 
 
 ``scale = max|w| / fp8_max``; ``w / scale`` is clamped to the finite range and rounded to
 nearest-even by the cast; ``w' = fp8 * scale``. Parts: ``data`` uint8 ``(out, in)`` (the raw
-fp8 bit patterns) and ``scale`` float32 ``(out, 1)`` or ``(1, 1)``.
+fp8 bit patterns, which are the codes) and ``scale`` float32 ``(out, 1)`` or ``(1, 1)``
+(the params, :class:`FP8Params`).
 """
 
 from __future__ import annotations
@@ -16,17 +17,31 @@ from dataclasses import dataclass
 
 import torch
 
-from lowbit.formats.base import Format, check_matrix, safe_divisor
-from lowbit.qtensor import QTensor
+from lowbit.formats.base import (
+    Format,
+    ScaleGroups,
+    check_matrix,
+    clip_factors,
+    refuse_importance,
+    safe_divisor,
+)
 
 FP8_DTYPES = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
 NAME_PATTERN = re.compile(r"^fp8(?:-(e4m3|e5m2))?(-tensor|-ch)?$")
+
+
+@dataclass(frozen=True, eq=False)
+class FP8Params:
+    """``scale``: float32 ``(out, 1)`` per channel or ``(1, 1)`` per tensor, as stored."""
+
+    scale: torch.Tensor
 
 
 @dataclass(frozen=True, repr=False)
 class FP8Format(Format):
     variant: str = "e4m3"
     per_tensor: bool = False
+    family = "fp8"
     supports_clip = True
 
     @property
@@ -37,32 +52,42 @@ class FP8Format(Format):
     def dtype(self) -> torch.dtype:
         return FP8_DTYPES[self.variant]
 
+    def groups(self, shape: tuple[int, int]) -> ScaleGroups:
+        return ScaleGroups(shape[0], shape[1], shape[1], self.per_tensor)
+
     def storage_bytes(self, shape: tuple[int, int]) -> int:
         scales = 1 if self.per_tensor else shape[0]
         return shape[0] * shape[1] + 4 * scales
 
-    def clip_shape(self, shape: tuple[int, int]) -> tuple[int, ...]:
-        return (1, 1) if self.per_tensor else (shape[0], 1)
-
-    def group_error(self, squared_error: torch.Tensor) -> torch.Tensor:
-        if self.per_tensor:
-            return squared_error.sum().reshape(1, 1)
-        return squared_error.sum(-1, keepdim=True)
-
-    def quantize(self, weight: torch.Tensor, clip_ratio: torch.Tensor | None = None) -> QTensor:
+    def choose_params(
+        self, weight: torch.Tensor, *, clip: torch.Tensor | None = None, importance: torch.Tensor | None = None
+    ) -> FP8Params:
         check_matrix(weight, self.name)
-        w = weight.float()
-        absmax = w.abs().amax().reshape(1, 1) if self.per_tensor else w.abs().amax(-1, keepdim=True)
-        if clip_ratio is not None:
-            absmax = absmax * clip_ratio.to(absmax.device).float()
-        limit = torch.finfo(self.dtype).max
-        scale = absmax / limit
-        values = (w / safe_divisor(scale)).clamp(-limit, limit).to(self.dtype)
-        return QTensor(self.name, tuple(w.shape), {"data": values.view(torch.uint8), "scale": scale})
+        refuse_importance(importance, self.name)
+        groups = self.groups((weight.shape[0], weight.shape[1]))
+        absmax = groups.split(weight.float()).abs().amax(-1)
+        ratio = clip_factors(clip, groups, absmax.device)
+        if ratio is not None:
+            absmax = absmax * ratio
+        return FP8Params(absmax / torch.finfo(self.dtype).max)
 
-    def dequantize(self, qtensor: QTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        values = qtensor.parts["data"].view(self.dtype).float()
-        return (values * qtensor.parts["scale"]).to(dtype)
+    def encode(self, weight: torch.Tensor, params: FP8Params, columns: slice | None = None) -> torch.Tensor:
+        # one scale spans every column of a row (or of the tensor): columns change nothing
+        check_matrix(weight, self.name)
+        limit = torch.finfo(self.dtype).max
+        values = (weight.float() / safe_divisor(params.scale)).clamp(-limit, limit)
+        return values.to(self.dtype).view(torch.uint8)
+
+    def decode(
+        self, codes: torch.Tensor, params: FP8Params, columns: slice | None = None, dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor:
+        return (codes.view(self.dtype).float() * params.scale).to(dtype)
+
+    def pack(self, codes: torch.Tensor, params: FP8Params) -> dict[str, torch.Tensor]:
+        return {"data": codes, "scale": params.scale}
+
+    def unpack(self, parts: dict[str, torch.Tensor], shape: tuple[int, int]) -> tuple[torch.Tensor, FP8Params]:
+        return parts["data"], FP8Params(parts["scale"])
 
 
 def parse(name: str) -> FP8Format | None:

@@ -14,7 +14,7 @@ Canonical layout (one QTensor, parts):
 - ``zero`` (asymmetric only): the integer zero point of each group, packed at ``bits`` bits
   like the codes, ``(out, ceil(groups*bits/8))``.
 
-Arithmetic. Asymmetric: the range ``[min(w, 0), max(w, 0)]`` (times the clip ratio) maps onto
+Arithmetic. Asymmetric: the range ``[min(w, 0), max(w, 0)]`` (times the clip factor) maps onto
 codes ``0 .. 2**bits - 1``; ``scale = (hi - lo) / (2**bits - 1)``, ``zero = round(-lo / scale)``,
 ``q = clamp(round(w / scale) + zero)``, ``w' = (q - zero) * scale``. Symmetric:
 ``scale = max|w| / (2**(bits-1) - 1)``, ``q = clamp(round(w / scale), -2**(bits-1), 2**(bits-1) - 1)``,
@@ -29,12 +29,29 @@ from dataclasses import dataclass
 
 import torch
 
-from lowbit.formats.base import Format, Groups, check_matrix, round_to_float16, safe_divisor
+from lowbit.formats.base import (
+    Format,
+    ScaleGroups,
+    check_matrix,
+    clip_factors,
+    column_range,
+    refuse_importance,
+    round_to_float16,
+    safe_divisor,
+)
 from lowbit.formats.packing import pack, packed_bytes, unpack
-from lowbit.qtensor import QTensor
 
 MAX_GROUP_SIZE = 65536
 NAME_PATTERN = re.compile(r"^int([2-8])(?:-(sym|asym))?(?:-(?:g(\d+)|(ch)|(tensor)))?$")
+
+
+@dataclass(frozen=True, eq=False)
+class IntegerParams:
+    """``scale``: float32 ``groups(shape).shape``, already rounded to the float16 that is stored.
+    ``zero``: uint8 zero points of the same shape (asymmetric), or None (symmetric)."""
+
+    scale: torch.Tensor
+    zero: torch.Tensor | None
 
 
 @dataclass(frozen=True, repr=False)
@@ -43,6 +60,7 @@ class IntegerFormat(Format):
     symmetric: bool
     group_size: int | None  # None: one group per row (per channel) or per tensor
     per_tensor: bool = False
+    family = "int"
     supports_clip = True
 
     @property
@@ -57,89 +75,77 @@ class IntegerFormat(Format):
             parts.append(f"g{self.group_size}")
         return "-".join(parts)
 
-    # -- layout -----------------------------------------------------------------------
-    def _groups(self, shape: tuple[int, int]) -> Groups:
-        columns = shape[1]
-        if self.per_tensor or self.group_size is None:
-            return Groups(columns, columns)
-        return Groups(columns, self.group_size)
+    @property
+    def levels(self) -> int:
+        return 2**self.bits - 1
 
-    def _scale_rows(self, shape: tuple[int, int]) -> int:
-        return 1 if self.per_tensor else shape[0]
+    @property
+    def half(self) -> int:
+        """The offset of symmetric codes: code ``half`` is zero."""
+        return 2 ** (self.bits - 1)
+
+    def groups(self, shape: tuple[int, int]) -> ScaleGroups:
+        rows, columns = shape
+        return ScaleGroups(rows, columns, self.group_size or columns, self.per_tensor)
 
     def storage_bytes(self, shape: tuple[int, int]) -> int:
         rows, columns = shape
-        groups = 1 if self.per_tensor else self._groups(shape).count
-        scale_rows = self._scale_rows(shape)
+        scale_rows, groups = self.groups(shape).shape
         total = rows * packed_bytes(columns, self.bits) + scale_rows * groups * 2
         if not self.symmetric:
             total += scale_rows * packed_bytes(groups, self.bits)
         return total
 
-    def clip_shape(self, shape: tuple[int, int]) -> tuple[int, ...]:
-        if self.per_tensor:
-            return (1, 1)
-        return (shape[0], self._groups(shape).count)
-
-    def group_error(self, squared_error: torch.Tensor) -> torch.Tensor:
-        if self.per_tensor:
-            return squared_error.sum().reshape(1, 1)
-        return self._groups(tuple(squared_error.shape)).split(squared_error).sum(-1)
-
-    # -- arithmetic -------------------------------------------------------------------
-    def _grouped(self, weight: torch.Tensor) -> torch.Tensor:
-        """``(rows, groups, size)`` view; per tensor is one row holding one group."""
-        if self.per_tensor:
-            return weight.reshape(1, 1, -1)
-        return self._groups(tuple(weight.shape)).split(weight)
-
-    def quantize(self, weight: torch.Tensor, clip_ratio: torch.Tensor | None = None) -> QTensor:
+    def choose_params(
+        self, weight: torch.Tensor, *, clip: torch.Tensor | None = None, importance: torch.Tensor | None = None
+    ) -> IntegerParams:
         check_matrix(weight, self.name)
-        shape = (weight.shape[0], weight.shape[1])
-        grouped = self._grouped(weight.float())
-        ratio = None if clip_ratio is None else clip_ratio.to(grouped.device).float()
-        levels = 2**self.bits - 1
+        refuse_importance(importance, self.name)
+        groups = self.groups((weight.shape[0], weight.shape[1]))
+        grouped = groups.split(weight.float())
+        ratio = clip_factors(clip, groups, grouped.device)
         if self.symmetric:
-            half = 2 ** (self.bits - 1)
             absmax = grouped.abs().amax(-1)
             if ratio is not None:
                 absmax = absmax * ratio
-            scale = round_to_float16(absmax / (half - 1))
-            codes = torch.round(grouped / safe_divisor(scale).unsqueeze(-1)).clamp(-half, half - 1) + half
-            zero = None
-        else:
-            lo = grouped.amin(-1).clamp(max=0)
-            hi = grouped.amax(-1).clamp(min=0)
-            if ratio is not None:
-                lo, hi = lo * ratio, hi * ratio
-            scale = round_to_float16((hi - lo) / levels)
-            divisor = safe_divisor(scale)
-            zero = torch.round(-lo / divisor).clamp(0, levels)
-            codes = (torch.round(grouped / divisor.unsqueeze(-1)) + zero.unsqueeze(-1)).clamp(0, levels)
-        codes = codes.to(torch.uint8)
-        codes = codes.reshape(1, -1)[:, : weight.numel()].reshape(shape) if self.per_tensor else (
-            self._groups(shape).merge(codes)
-        )
-        parts = {"packed": pack(codes, self.bits), "scale": scale.to(torch.float16)}
-        if zero is not None:
-            parts["zero"] = pack(zero.to(torch.uint8), self.bits)
-        return QTensor(self.name, shape, parts)
+            return IntegerParams(round_to_float16(absmax / (self.half - 1)), None)
+        lo = grouped.amin(-1).clamp(max=0)
+        hi = grouped.amax(-1).clamp(min=0)
+        if ratio is not None:
+            lo, hi = lo * ratio, hi * ratio
+        scale = round_to_float16((hi - lo) / self.levels)
+        zero = torch.round(-lo / safe_divisor(scale)).clamp(0, self.levels)
+        return IntegerParams(scale, zero.to(torch.uint8))
 
-    def dequantize(self, qtensor: QTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        shape = qtensor.shape
-        codes = unpack(qtensor.parts["packed"], self.bits, shape[1]).float()
-        scale = qtensor.parts["scale"].float()
+    def encode(self, weight: torch.Tensor, params: IntegerParams, columns: slice | None = None) -> torch.Tensor:
+        check_matrix(weight, self.name)
+        span = column_range(columns, weight.shape[1])
+        groups = self.groups((weight.shape[0], span.stop))
+        steps = torch.round(weight.float() / groups.per_column(safe_divisor(params.scale), span))
         if self.symmetric:
-            offset = torch.full_like(scale, 2 ** (self.bits - 1))
+            codes = steps.clamp(-self.half, self.half - 1) + self.half
         else:
-            groups = scale.shape[1]
-            offset = unpack(qtensor.parts["zero"], self.bits, groups).float()
-        if self.per_tensor:
-            return ((codes - offset) * scale).to(dtype)
-        groups = self._groups(shape)
-        grouped = groups.split(codes)
-        weight = (grouped - offset.unsqueeze(-1)) * scale.unsqueeze(-1)
-        return groups.merge(weight).to(dtype)
+            codes = (steps + groups.per_column(params.zero.float(), span)).clamp(0, self.levels)
+        return codes.to(torch.uint8)
+
+    def decode(
+        self, codes: torch.Tensor, params: IntegerParams, columns: slice | None = None, dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor:
+        span = column_range(columns, codes.shape[1])
+        groups = self.groups((codes.shape[0], span.stop))
+        offset = self.half if self.symmetric else groups.per_column(params.zero.float(), span)
+        return ((codes.float() - offset) * groups.per_column(params.scale, span)).to(dtype)
+
+    def pack(self, codes: torch.Tensor, params: IntegerParams) -> dict[str, torch.Tensor]:
+        parts = {"packed": pack(codes, self.bits), "scale": params.scale.to(torch.float16)}
+        if params.zero is not None:
+            parts["zero"] = pack(params.zero, self.bits)
+        return parts
+
+    def unpack(self, parts: dict[str, torch.Tensor], shape: tuple[int, int]) -> tuple[torch.Tensor, IntegerParams]:
+        scale = parts["scale"].float()
+        zero = None if self.symmetric else unpack(parts["zero"], self.bits, scale.shape[1])
+        return unpack(parts["packed"], self.bits, shape[1]), IntegerParams(scale, zero)
 
 
 def parse(name: str) -> IntegerFormat | None:

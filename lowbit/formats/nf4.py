@@ -22,6 +22,9 @@ One difference in layout, not in numbers: bitsandbytes blocks the *flattened* te
 blocks each row (rows are output features), with a partial last block when a row is not a
 multiple of the block size. The two agree whenever ``in_features`` is a multiple of the block.
 
+Params (:class:`NF4Params`): the exact block scales the codes are chosen with and the
+scales as stored (the same, or their double-quantized round trip, which ``decode`` uses).
+
 Canonical layout, parts: ``packed`` uint8 ``(out, ceil(in/2))`` (first code of a pair in the
 low nibble); then either ``absmax`` float32 ``(out, blocks)``, or, double quantized,
 ``absmax_q`` uint8 ``(out, blocks)``, ``absmax_scale`` float32 ``(ceil(out*blocks/256),)`` and
@@ -35,9 +38,15 @@ from dataclasses import dataclass
 
 import torch
 
-from lowbit.formats.base import Format, Groups, check_matrix
+from lowbit.formats.base import (
+    Format,
+    ScaleGroups,
+    check_matrix,
+    clip_factors,
+    column_range,
+    refuse_importance,
+)
 from lowbit.formats.packing import pack, packed_bytes, unpack
-from lowbit.qtensor import QTensor
 
 # The 16 NF4 values as published with QLoRA (quantiles of N(0, 1), normalised to [-1, 1]).
 NF4_CODE = torch.tensor(
@@ -51,6 +60,7 @@ NF4_CODE = torch.tensor(
 )  # fmt: skip
 
 SCALE_BLOCK = 256  # double quantization: centred block scales are quantized 256 at a time
+SCALE_PARTS = ("absmax_q", "absmax_scale", "absmax_offset")
 NAME_PATTERN = re.compile(r"^nf4(-dq)?(?:-g(\d+))?$")
 
 
@@ -83,10 +93,24 @@ def reciprocal_scaled(values: torch.Tensor, absmax: torch.Tensor) -> torch.Tenso
     return (values * (1.0 / absmax.clamp(min=1e-38))).clamp(-1, 1)
 
 
+@dataclass(frozen=True, eq=False)
+class NF4Params:
+    """Block scales, float32 ``(out, blocks)``. ``absmax``: the exact (clipped) scales the codes
+    are chosen with. ``stored_absmax``: the scales as stored and decoded with: ``absmax``
+    itself, or, double quantized, its round trip through ``scale_parts`` (the ``absmax_q``,
+    ``absmax_scale`` and ``absmax_offset`` parts; None without double quantization).
+    Params read back by ``unpack`` only know the stored scales, so both fields hold them."""
+
+    absmax: torch.Tensor
+    stored_absmax: torch.Tensor
+    scale_parts: dict[str, torch.Tensor] | None
+
+
 @dataclass(frozen=True, repr=False)
 class NF4Format(Format):
     block_size: int = 64
     double_quant: bool = False
+    family = "nf4"
     supports_clip = True
 
     @property
@@ -94,19 +118,16 @@ class NF4Format(Format):
         name = "nf4-dq" if self.double_quant else "nf4"
         return name if self.block_size == 64 else f"{name}-g{self.block_size}"
 
-    def _groups(self, shape: tuple[int, int]) -> Groups:
-        return Groups(shape[1], self.block_size)
+    def groups(self, shape: tuple[int, int]) -> ScaleGroups:
+        return ScaleGroups(shape[0], shape[1], self.block_size)
 
     def storage_bytes(self, shape: tuple[int, int]) -> int:
         rows, columns = shape
-        blocks = rows * self._groups(shape).count
+        blocks = rows * self.groups(shape).count
         codes = rows * packed_bytes(columns, 4)
         if not self.double_quant:
             return codes + 4 * blocks
         return codes + blocks + 4 * -(-blocks // SCALE_BLOCK) + 4
-
-    def clip_shape(self, shape: tuple[int, int]) -> tuple[int, ...]:
-        return (shape[0], self._groups(shape).count)
 
     @property
     def search_format(self) -> NF4Format:
@@ -114,39 +135,53 @@ class NF4Format(Format):
         # block with its exact scale, then double quantize the chosen ones
         return NF4Format(self.block_size, False)
 
-    def group_error(self, squared_error: torch.Tensor) -> torch.Tensor:
-        return self._groups(tuple(squared_error.shape)).split(squared_error).sum(-1)
-
-    def quantize(self, weight: torch.Tensor, clip_ratio: torch.Tensor | None = None) -> QTensor:
+    def choose_params(
+        self, weight: torch.Tensor, *, clip: torch.Tensor | None = None, importance: torch.Tensor | None = None
+    ) -> NF4Params:
         check_matrix(weight, self.name)
-        shape = (weight.shape[0], weight.shape[1])
-        groups = self._groups(shape)
-        blocks = groups.split(weight.float())
-        absmax = blocks.abs().amax(-1)
-        if clip_ratio is not None:
-            absmax = absmax * clip_ratio.to(absmax.device).float()
+        refuse_importance(importance, self.name)
+        groups = self.groups((weight.shape[0], weight.shape[1]))
+        absmax = groups.split(weight.float()).abs().amax(-1)
+        ratio = clip_factors(clip, groups, absmax.device)
+        if ratio is not None:
+            absmax = absmax * ratio
+        if not self.double_quant:
+            return NF4Params(absmax, absmax, None)
+        scale_parts = self._quantize_scales(absmax)
+        return NF4Params(absmax, self._dequantize_scales(scale_parts, groups.shape), scale_parts)
+
+    def encode(self, weight: torch.Tensor, params: NF4Params, columns: slice | None = None) -> torch.Tensor:
         # Codes come from the exact block scale even when the scale is then double
         # quantized: that is what bitsandbytes stores, so its loaders read the same codes.
-        codes = nearest_code(reciprocal_scaled(blocks, absmax.unsqueeze(-1)), NF4_CODE)
-        parts = self._quantize_scales(absmax) if self.double_quant else {"absmax": absmax}
-        parts = {"packed": pack(groups.merge(codes), 4), **parts}
-        return QTensor(self.name, shape, parts)
+        check_matrix(weight, self.name)
+        span = column_range(columns, weight.shape[1])
+        absmax = self.groups((weight.shape[0], span.stop)).per_column(params.absmax, span)
+        return nearest_code(reciprocal_scaled(weight.float(), absmax), NF4_CODE)
 
-    def dequantize(self, qtensor: QTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        shape = qtensor.shape
-        groups = self._groups(shape)
-        codes = unpack(qtensor.parts["packed"], 4, shape[1])
-        if self.double_quant:
-            absmax = self._dequantize_scales(qtensor.parts, (shape[0], groups.count))
-        else:
-            absmax = qtensor.parts["absmax"]
-        values = NF4_CODE.to(codes.device)[groups.split(codes).long()]
-        return groups.merge(values * absmax.unsqueeze(-1)).to(dtype)
+    def decode(
+        self, codes: torch.Tensor, params: NF4Params, columns: slice | None = None, dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor:
+        span = column_range(columns, codes.shape[1])
+        absmax = self.groups((codes.shape[0], span.stop)).per_column(params.stored_absmax, span)
+        return (NF4_CODE.to(codes.device)[codes.long()] * absmax).to(dtype)
+
+    def pack(self, codes: torch.Tensor, params: NF4Params) -> dict[str, torch.Tensor]:
+        scales = params.scale_parts if self.double_quant else {"absmax": params.absmax}
+        return {"packed": pack(codes, 4), **scales}
+
+    def unpack(self, parts: dict[str, torch.Tensor], shape: tuple[int, int]) -> tuple[torch.Tensor, NF4Params]:
+        codes = unpack(parts["packed"], 4, shape[1])
+        if not self.double_quant:
+            return codes, NF4Params(parts["absmax"], parts["absmax"], None)
+        scale_parts = {name: parts[name] for name in SCALE_PARTS}
+        stored = self._dequantize_scales(scale_parts, self.groups(shape).shape)
+        return codes, NF4Params(stored, stored, scale_parts)
 
     @staticmethod
     def _quantize_scales(absmax: torch.Tensor) -> dict[str, torch.Tensor]:
         offset = absmax.mean()
-        centred = Groups(absmax.numel(), SCALE_BLOCK).split((absmax - offset).reshape(1, -1))[0]
+        chunks = ScaleGroups(1, absmax.numel(), SCALE_BLOCK)
+        centred = chunks.split((absmax - offset).reshape(1, -1))[0]
         scale = centred.abs().amax(-1)
         codes = nearest_code(reciprocal_scaled(centred, scale.unsqueeze(-1)), DYNAMIC_CODE)
         codes = codes.reshape(-1)[: absmax.numel()].reshape(absmax.shape)
@@ -156,7 +191,7 @@ class NF4Format(Format):
     def _dequantize_scales(parts: dict[str, torch.Tensor], shape: tuple[int, int]) -> torch.Tensor:
         codes = parts["absmax_q"].reshape(1, -1)
         values = DYNAMIC_CODE.to(codes.device)[codes.long()]
-        grouped = Groups(codes.numel(), SCALE_BLOCK).split(values)[0]
+        grouped = ScaleGroups(1, codes.numel(), SCALE_BLOCK).split(values)[0]
         scaled = grouped * parts["absmax_scale"].unsqueeze(-1)
         return scaled.reshape(-1)[: codes.numel()].reshape(shape) + parts["absmax_offset"]
 
