@@ -16,8 +16,8 @@ with trainable adapters (QLoRA) never keeps a dense copy of its weights.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator
 
 import torch
 from torch import nn

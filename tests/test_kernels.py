@@ -6,9 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
-import lowbit.kernels as kernels
+from lowbit import kernels
 from lowbit.formats import get_format
 from lowbit.kernels import (
     DenseKernel,

@@ -10,9 +10,15 @@ import torch.nn.functional as F
 from tiny_models import tiny_model, tiny_tokens
 from torch import nn
 
-import lowbit.kernels as kernels
+from lowbit import kernels
 from lowbit.formats import get_format
-from lowbit.kernels import DenseKernel, Kernel, ReferenceKernel, fake_quantize_int8_per_token, register_kernel
+from lowbit.kernels import (
+    DenseKernel,
+    Kernel,
+    ReferenceKernel,
+    fake_quantize_int8_per_token,
+    register_kernel,
+)
 from lowbit.nn import (
     QuantLinear,
     dense_cache,

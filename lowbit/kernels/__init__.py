@@ -20,7 +20,8 @@ after it moves to another device.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -57,6 +58,12 @@ def kernel_for(fmt: Format, device: torch.device | str) -> Kernel:
 
 
 __all__ = [
-    "Kernel", "ReferenceKernel", "DenseKernel", "KERNELS", "register_kernel", "kernel_for",
-    "available_memory", "fake_quantize_int8_per_token",
-]  # fmt: skip
+    "KERNELS",
+    "DenseKernel",
+    "Kernel",
+    "ReferenceKernel",
+    "available_memory",
+    "fake_quantize_int8_per_token",
+    "kernel_for",
+    "register_kernel",
+]
