@@ -128,6 +128,20 @@ class QuantLinear(nn.Module):
             delattr(self, name)
         self._kernel = self._kernel_device = None
 
+    def _apply(self, fn, recurse: bool = True):
+        """``.to(device)`` moves the parts; ``.to(dtype)``, ``.half()`` … leave their dtypes alone
+        (a float16 scale cast to bfloat16 would change the weights). The bias is cast as usual."""
+        parts = {PART_PREFIX + name for name in self.part_names}
+        for name in parts:
+            buffer = self._buffers[name]
+            target = fn(torch.empty(0, dtype=buffer.dtype, device=buffer.device)).device
+            self._buffers[name] = buffer.to(target)
+        kept = {name: self._buffers.pop(name) for name in parts}
+        try:
+            return super()._apply(fn, recurse)
+        finally:
+            self._buffers.update(kept)
+
     def _load_from_state_dict(self, *args, **kwargs) -> None:
         # new part values make anything prepared from the old ones stale
         super()._load_from_state_dict(*args, **kwargs)

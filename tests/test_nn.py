@@ -406,3 +406,21 @@ def test_cuda_forward_backward_and_cache_match_the_cpu_reference(name, dtype):
     with dense_cache(module, dtype=dtype) as cached_bytes, torch.no_grad():
         assert cached_bytes == 200 * 576 * dtype.itemsize
         torch.testing.assert_close(module(x.cuda()).cpu(), cpu_y.detach(), rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("cast", ["bfloat16", "half", "double"])
+def test_casting_the_model_keeps_the_stored_parts(cast):
+    """``model.to(dtype)`` / ``.half()`` cast float parameters, but a QuantLinear's parts keep
+    their dtypes and bits (a float16 scale rounded to bfloat16 would change every weight);
+    the bias is cast like any parameter, and a device move still moves the parts."""
+    weight = torch.randn(6, 70, generator=torch.Generator().manual_seed(5))
+    for name in ("int4-g32", "nf4-dq", "fp8", "mxfp4"):
+        module = QuantLinear.from_qtensor(get_format(name).quantize(weight), torch.randn(6))
+        before = {n: t.clone() for n, t in module.state_dict().items() if n != "bias"}
+        getattr(module, cast)() if cast != "bfloat16" else module.to(torch.bfloat16)
+        after = module.state_dict()
+        for n, tensor in before.items():
+            assert after[n].dtype == tensor.dtype and torch.equal(after[n], tensor), (name, n)
+        assert module.bias.dtype == {"bfloat16": torch.bfloat16, "half": torch.float16, "double": torch.float64}[cast]
+        module.to("meta")
+        assert all(t.is_meta for t in module.state_dict().values())
