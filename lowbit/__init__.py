@@ -7,7 +7,7 @@
 """
 
 from lowbit.version import __version__
-from lowbit.algorithms import RTNConfig
+from lowbit.algorithms import RTNConfig, method_names
 from lowbit.api import (
     DEFAULT_SCHEME,
     DEFAULT_SCHEMES,
@@ -30,6 +30,6 @@ from lowbit.sources import DEFAULT_MODEL
 
 __all__ = [
     "DEFAULT_MODEL", "DEFAULT_SCHEME", "DEFAULT_SCHEMES", "PRESETS", "LowbitError", "Plan", "QTensor", "RTNConfig",
-    "__version__", "compare", "evaluate", "export", "exporter_names", "generate", "get_format", "inspect", "load",
+    "__version__", "compare", "method_names", "evaluate", "export", "exporter_names", "generate", "get_format", "inspect", "load",
     "quantize", "save", "size",
 ]  # fmt: skip

@@ -51,7 +51,7 @@ def cmd_quantize(args) -> None:
     import lowbit
 
     summary = lowbit.export(
-        args.model, args.output, to="native", scheme=args.scheme, device=args.device, overwrite=args.overwrite,
+        args.model, args.output, to="native", scheme=args.scheme, method=args.method, device=args.device, overwrite=args.overwrite,
         **_calibration_options(args),
     )  # fmt: skip
     _print_export(summary)
@@ -61,7 +61,8 @@ def cmd_export(args) -> None:
     import lowbit
 
     summary = lowbit.export(
-        args.model, args.output, to=args.to, scheme=args.scheme, device=args.device, overwrite=args.overwrite,
+        args.model, args.output, to=args.to, scheme=args.scheme, method=args.method, device=args.device,
+        overwrite=args.overwrite,
         **_calibration_options(args),
     )  # fmt: skip
     _print_export(summary)
@@ -139,11 +140,17 @@ def _add_eval_options(parser: argparse.ArgumentParser, windows_help: str) -> Non
     parser.add_argument("--device", help="where to run the models: cpu, cuda, cuda:N (default: cpu)")
 
 
-def _add_quantize_options(parser: argparse.ArgumentParser, presets, scheme_default: str | None = "int4-g128") -> None:
+def _add_quantize_options(parser: argparse.ArgumentParser, scheme_default: str | None = "int4-g128") -> None:
+    from lowbit import PRESETS, method_names
+
     default = f"default {scheme_default}" if scheme_default else "default int4-g128 for a model not yet quantized"
     parser.add_argument(
         "--scheme", "-s", default=scheme_default,
-        help=f"preset ({', '.join(presets)}), format name, or plan file (.yaml/.json); add +clip for the clipping search ({default})",
+        help=f"preset ({', '.join(PRESETS)}), format name, or plan file (.yaml/.json); add +clip for the clipping search ({default})",
+    )  # fmt: skip
+    parser.add_argument(
+        "--method", "-m", choices=method_names(),
+        help="algorithm for the rules that name none (default rtn); a plan file may set one per rule",
     )  # fmt: skip
     parser.add_argument("--output", "-o", required=True, help="output directory (written under a temporary name, then renamed)")
     parser.add_argument("--overwrite", action="store_true", help="replace the output if it exists")
@@ -154,7 +161,7 @@ def _add_quantize_options(parser: argparse.ArgumentParser, presets, scheme_defau
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from lowbit import DEFAULT_MODEL, DEFAULT_SCHEMES, PRESETS, exporter_names
+    from lowbit import DEFAULT_MODEL, DEFAULT_SCHEMES, exporter_names
 
     parser = argparse.ArgumentParser(prog="lowbit", description="Make LLMs small and measure what it cost.")
     parser.add_argument("--version", action="version", version=f"lowbit {__import__('lowbit').__version__}")
@@ -163,13 +170,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("quantize", help="quantize a model and save a native checkpoint (= export --to native)")
     p.add_argument("model", help=model_help)
-    _add_quantize_options(p, PRESETS)
+    _add_quantize_options(p)
     p.set_defaults(run=cmd_quantize)
 
     p = sub.add_parser("export", help="write a model in a runtime's layout, quantizing it first if it is not yet")
     p.add_argument("model", help=model_help + ", or a lowbit checkpoint (written as it is)")
     p.add_argument("--to", default="native", choices=exporter_names(), help="target layout (default native)")
-    _add_quantize_options(p, PRESETS, scheme_default=None)
+    _add_quantize_options(p, scheme_default=None)
     p.set_defaults(run=cmd_export)
 
     p = sub.add_parser("eval", help="perplexity, KL and top-1 against a reference, memory and speed")

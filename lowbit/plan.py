@@ -31,7 +31,7 @@ from pathlib import Path
 
 import yaml
 
-from lowbit.algorithms import AlgorithmConfig, RTNConfig, config_class
+from lowbit.algorithms import AlgorithmConfig, RTNConfig, config_class, method_names
 from lowbit.errors import LowbitError, UnknownNameError
 from lowbit.formats import NAME_GRAMMAR, Format, get_format
 
@@ -126,13 +126,19 @@ class Plan:
         return cls(rules, data.get("name", "custom"))
 
 
-def make_rule(pattern: str, spec: str | dict | None) -> Rule:
-    """A checked rule from a plan entry: ``"keep"``, ``"int4-g128+clip"`` or a mapping."""
+Method = str | AlgorithmConfig
+
+
+def make_rule(pattern: str, spec: str | dict | None, method: Method = DEFAULT_METHOD) -> Rule:
+    """A checked rule from a plan entry: ``"keep"``, ``"int4-g128+clip"`` or a mapping.
+
+    ``method`` is the algorithm of an entry that names none (a method name, or a config whose
+    options the entry's own options then override).
+    """
     if spec is None or spec == KEEP:
         return Rule(pattern, None)
     if isinstance(spec, str):
         fmt_text, options = _split_modifiers(spec)
-        method = DEFAULT_METHOD
     elif isinstance(spec, dict):
         spec = dict(spec)
         if "format" not in spec:
@@ -141,12 +147,15 @@ def make_rule(pattern: str, spec: str | dict | None) -> Rule:
         if text == KEEP:
             return Rule(pattern, None)
         fmt_text, options = _split_modifiers(str(text))
-        method = spec.pop("algorithm", DEFAULT_METHOD)
+        method = spec.pop("algorithm", method)
         options = {**options, **spec}
     else:
         raise LowbitError(f"plan rule {pattern!r} must be a format name, 'keep' or a mapping, got {spec!r}")
     fmt = get_format(fmt_text)
-    config = config_class(str(method)).from_options(options)
+    if isinstance(method, AlgorithmConfig):
+        config = type(method).from_options({**method.options(), **options})
+    else:
+        config = config_class(str(method)).from_options(options)
     if config.options().get("clip_search") and not fmt.supports_clip:
         raise LowbitError(f"{fmt.name} has no clipping search (its scales are fixed by the format); drop '+clip'")
     return Rule(pattern, fmt, config)
@@ -164,19 +173,20 @@ def _split_modifiers(text: str) -> tuple[str, dict]:
     return PRESETS.get(base, base), options
 
 
-def preset_plan(scheme: str) -> Plan:
-    """The plan of a preset or format name, with optional ``+modifiers``."""
+def preset_plan(scheme: str, method: Method = DEFAULT_METHOD) -> Plan:
+    """The plan of a preset or format name, with optional ``+modifiers``, run by ``method``."""
     base = scheme.split("+")[0].strip()
     try:
-        rule = make_rule("*", scheme)
-    except UnknownNameError:
-        if base in PRESETS:
+        rule = make_rule("*", scheme, method)
+    except UnknownNameError as error:
+        if base in PRESETS or not str(error).startswith("unknown format"):
             raise
         raise UnknownNameError(
             f"unknown scheme {scheme!r}. Presets: {', '.join(PRESETS)}. "
             f"Any format name also works ({NAME_GRAMMAR}), as does a plan file (.yaml or .json)."
         ) from None
-    return Plan([Rule(name, None) for name in PRESET_KEEP] + [rule], scheme)
+    name = scheme if rule.algorithm == DEFAULT_METHOD else f"{scheme} ({rule.algorithm})"
+    return Plan([Rule(pattern, None) for pattern in PRESET_KEEP] + [rule], name)
 
 
 def _unique_keys(pairs: list) -> dict:
@@ -195,7 +205,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return _unique_keys(pairs)
 
 
-def load_plan_file(path: str | Path) -> Plan:
+def load_plan_file(path: str | Path, method: Method = DEFAULT_METHOD) -> Plan:
     path = Path(path)
     try:
         text = path.read_text()
@@ -217,17 +227,26 @@ def load_plan_file(path: str | Path) -> Plan:
         raise LowbitError(
             f"plan file {path} must map glob patterns to formats, e.g. {{'lm_head': 'keep', '*': 'int4-g128'}}"
         )
-    return Plan([make_rule(str(pattern), spec) for pattern, spec in data.items()], path.name)
+    return Plan([make_rule(str(pattern), spec, method) for pattern, spec in data.items()], path.name)
 
 
-def resolve_scheme(scheme: str | Plan) -> Plan:
-    """A Plan from what the user gave: a Plan, a plan file path, a preset or a format name."""
+def resolve_scheme(scheme: str | Plan, method: Method | None = None) -> Plan:
+    """A Plan from what the user gave: a Plan, a plan file path, a preset or a format name.
+
+    ``method`` (a method name such as ``"rtn"``, or a config such as ``RTNConfig(clip_search=True)``)
+    runs every rule that names no algorithm of its own; default RTN.
+    """
     if isinstance(scheme, Plan):
+        if method is not None:
+            raise LowbitError("a Plan names its algorithms in its rules; give the method with a scheme name or in the plan file")
         return scheme
     if not isinstance(scheme, str):
         raise LowbitError(f"a scheme is a preset or format name, a plan file or a Plan, got {scheme!r}")
+    if method is not None and not isinstance(method, (str, AlgorithmConfig)):
+        raise LowbitError(f"a method is a name ({', '.join(method_names())}) or an algorithm config, got {method!r}")
+    method = DEFAULT_METHOD if method is None else method
     if scheme.endswith((".yaml", ".yml", ".json")):
         if not Path(scheme).is_file():
             raise LowbitError(f"plan file {scheme} does not exist")
-        return load_plan_file(scheme)
-    return preset_plan(scheme)
+        return load_plan_file(scheme, method)
+    return preset_plan(scheme, method)

@@ -345,3 +345,30 @@ def test_repeated_pattern_is_refused(tmp_path, suffix, text):
     path.write_text(text)
     with pytest.raises(LowbitError, match="appears twice"):
         load_plan_file(path)
+
+
+# -- methods ---------------------------------------------------------------------------------
+
+
+def test_method_runs_every_rule_that_names_none(tmp_path):
+    plan = resolve_scheme("int4-g128+clip", method="rtn")
+    assert plan.rules[-1].config == RTNConfig(clip_search=True) and plan.name == "int4-g128+clip"
+    configured = resolve_scheme("int4-g128", method=RTNConfig(clip_search=True, clip_grid=5))
+    assert configured.rules[-1].config == RTNConfig(clip_search=True, clip_grid=5)
+    # an entry's own options override the method's; its own algorithm wins
+    path = tmp_path / "plan.yaml"
+    path.write_text('"*.q_proj": {format: int8, clip_grid: 7}\n"*": {format: nf4, algorithm: rtn}\n')
+    loaded = resolve_scheme(str(path), method=RTNConfig(clip_search=True, clip_grid=5))
+    assert loaded.rules[0].config == RTNConfig(clip_search=True, clip_grid=7)
+    assert loaded.rules[1].config == RTNConfig()
+
+
+def test_bad_methods_are_refused():
+    with pytest.raises(UnknownNameError, match="unknown algorithm 'nope'"):
+        resolve_scheme("int4-g128", method="nope")
+    with pytest.raises(LowbitError, match="a method is a name"):
+        resolve_scheme("int4-g128", method=3)
+    with pytest.raises(LowbitError, match="names its algorithms"):
+        resolve_scheme(resolve_scheme("int8"), method="rtn")
+    with pytest.raises(LowbitError, match="a scheme is a preset"):
+        resolve_scheme(None)
