@@ -24,6 +24,7 @@ from lowbit.eval import (
 )
 from lowbit.eval.memory import linear_weight_stats
 from lowbit.formats import get_format
+from lowbit.plan import Plan, make_rule
 
 EVALUATE_KEYS = {
     "perplexity",
@@ -105,12 +106,22 @@ def test_cached_reference_gives_the_same_numbers(models, batch_size):
     windows = tiny_tokens(4, 12, seed=5)
     cache = reference_log_probs(reference, windows, batch_size, progress=False)
     assert isinstance(cache, ReferenceLogProbs)
-    assert len(cache.log_probs) == math.ceil(4 / batch_size)
-    assert torch.allclose(torch.cat(cache.log_probs).double(), log_softmax_by_hand(reference(windows).logits), atol=1e-5)
+    assert len(cache.batches) == math.ceil(4 / batch_size)
+    # the summary, against sums written out in float64
+    p = log_softmax_by_hand(reference(windows).logits)
+    summary = {key: torch.cat([getattr(b, key) for b in cache.batches]) for key in ("top1", "neg_entropy", "expected_row")}
+    assert torch.equal(summary["top1"], p.argmax(-1))
+    assert torch.allclose(summary["neg_entropy"], (p.exp() * p).sum(-1), rtol=1e-6)
+    assert torch.allclose(summary["expected_row"].double(), p.exp() @ reference.lm_head.weight.double(), atol=1e-6)
+    assert cache.nbytes == windows.numel() * (8 + 8 + 4 * reference.config.hidden_size)  # no bias in llama's lm_head
     cached = evaluate_windows(quantized, windows, cache, batch_size, progress=False)
     direct = evaluate_windows(quantized, windows, reference, batch_size, progress=False)
-    for key in ("perplexity", "kl_divergence", "top1_agreement", "windows", "window_length"):
+    for key in ("perplexity", "top1_agreement", "windows", "window_length"):
         assert cached[key] == direct[key], key
+    # the same KL by another route (from the output layer's input, not from the float32 logits):
+    # equal to their rounding (here 5e-6 relative, 2e-8 absolute)
+    assert cached["kl_divergence"] == pytest.approx(direct["kl_divergence"], rel=2e-5)
+    assert cached["kl_divergence"] == pytest.approx(reference_metrics(quantized, windows, reference)["kl_divergence"], rel=2e-5)
 
 
 def test_cached_reference_refuses_other_windows(models):
@@ -121,6 +132,45 @@ def test_cached_reference_refuses_other_windows(models):
         evaluate_windows(quantized, tiny_tokens(4, 12, seed=6), cache, 2, progress=False)
     with pytest.raises(ValueError, match="other windows or batches"):
         evaluate_windows(quantized, windows, cache, 1, progress=False)
+
+
+def forbid_summary(monkeypatch):
+    from lowbit.eval import quality
+
+    monkeypatch.setattr(quality, "_kl_from_summary", lambda *a: pytest.fail("used the summary where it does not hold"))
+
+
+@pytest.mark.parametrize("case", ["quantized-lm-head", "soft-capping", "other-head"])
+def test_cached_reference_runs_the_reference_where_the_summary_does_not_hold(case, monkeypatch):
+    """A quantized lm_head, logits changed after the output layer (Gemma 2's soft-capping) or
+    other output weights: the reference model runs again, and the numbers are the direct ones."""
+    arch = "gemma2" if case == "soft-capping" else "qwen2"  # qwen2: untied, so lm_head alone can be quantized
+    reference = tiny_model(arch)
+    if case == "quantized-lm-head":
+        quantized = lowbit.quantize(copy.deepcopy(reference), Plan([make_rule("*", "int4-g32")]), progress=False)
+    elif case == "other-head":
+        quantized = copy.deepcopy(reference)
+        quantized.lm_head.weight.data[0, 0] += 1e-3
+    else:
+        quantized = lowbit.quantize(copy.deepcopy(reference), "int4-g32", progress=False)
+    windows = tiny_tokens(3, 12, seed=8)
+    cache = reference_log_probs(reference, windows, 1, progress=False)
+    forbid_summary(monkeypatch)
+    cached = evaluate_windows(quantized, windows, cache, 1, progress=False)
+    direct = evaluate_windows(quantized, windows, reference, 1, progress=False)
+    for key in ("perplexity", "kl_divergence", "top1_agreement"):
+        assert cached[key] == direct[key], key
+    assert cached["kl_divergence"] > 0
+
+
+def test_cached_reference_of_itself_is_exactly_zero(models, monkeypatch):
+    reference, _ = models
+    windows = tiny_tokens(3, 16, seed=4)
+    cache = reference_log_probs(reference, windows, 1, progress=False)
+    forbid_summary(monkeypatch)
+    result = evaluate_windows(reference, windows, cache, 1, progress=False)
+    assert result["kl_divergence"] == 0.0 and result["top1_agreement"] == 1.0
+    assert result["perplexity"] == evaluate_windows(reference, windows, None, 1, progress=False)["perplexity"]
 
 
 # -- memory --------------------------------------------------------------------------------
@@ -223,3 +273,50 @@ def test_compare_refuses_a_bad_scheme_before_loading(monkeypatch):
     monkeypatch.setattr(api, "load_model", lambda *a, **k: pytest.fail("loaded a model for a bad scheme"))
     with pytest.raises(lowbit.LowbitError, match="unknown scheme 'int4-g12x'"):
         lowbit.compare("anything", ["int8", "int4-g12x"])
+
+
+def test_compare_holds_one_float_model(tiny_model_dir, eval_text_file, monkeypatch):
+    """Each scheme quantizes a copy that shares the float model's tensors: the base is loaded
+    once and left unchanged, and a candidate's own tensors are its quantized parts only."""
+    from lowbit import api
+    from lowbit.nn import QuantLinear, unique_state_dict
+
+    loads, candidates = [], []
+    real_load, real_quantize = api.load_model, api.quantize_model
+
+    def counting_load(*args, **kwargs):
+        loaded = real_load(*args, **kwargs)
+        loads.append(loaded[0])
+        return loaded
+
+    def keeping_quantize(model, plan, **kwargs):
+        candidates.append(model)
+        return real_quantize(model, plan, **kwargs)
+
+    monkeypatch.setattr(api, "load_model", counting_load)
+    monkeypatch.setattr(api, "quantize_model", keeping_quantize)
+    result = lowbit.compare(tiny_model_dir, ["int8", "int4-g32"], data=eval_text_file, windows=2, window_length=32, progress=False)
+    assert len(loads) == 1 and len(candidates) == 2
+    base = loads[0]
+    expected = lowbit.load(tiny_model_dir).state_dict()
+    assert base.state_dict().keys() == expected.keys()
+    assert all(torch.equal(base.state_dict()[k], expected[k]) for k in expected)  # the base is untouched
+    assert not any(isinstance(m, QuantLinear) for m in base.modules())
+    base_storage = {t.untyped_storage().data_ptr() for t in base.state_dict().values()}
+    for candidate, row in zip(candidates, result["rows"][1:]):
+        own = [t for t in unique_state_dict(candidate).values() if t.untyped_storage().data_ptr() not in base_storage]
+        packed, _ = linear_weight_stats(candidate)
+        assert sum(t.numel() * t.element_size() for t in own) == packed  # nothing float was copied
+        assert row["weight_bytes"] == weight_bytes(candidate)
+    assert result["rows"][0]["kl_divergence"] == 0.0 and result["rows"][0]["top1_agreement"] == 1.0
+
+
+def test_evaluate_on_a_device(native_dir, eval_text_file, monkeypatch):
+    on_cpu = lowbit.evaluate(native_dir, data=eval_text_file, windows=2, window_length=32, device="cpu", progress=False)
+    assert on_cpu["device"] == "cpu"
+    assert on_cpu["perplexity"] == lowbit.evaluate(native_dir, data=eval_text_file, windows=2, window_length=32, progress=False)["perplexity"]
+    from lowbit import api
+
+    monkeypatch.setattr(api, "load_model", lambda *a, **k: pytest.fail("loaded a model for a device that does not exist"))
+    with pytest.raises(lowbit.LowbitError, match="device 'tpu' is not supported"):
+        lowbit.evaluate("anything", device="tpu")
