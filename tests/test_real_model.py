@@ -1,7 +1,8 @@
 """The real small model, SmolLM2-135M-Instruct (the embedded default, ``lowbit.load("smollm2-135m")``).
 
-Not heavy (runs in CI): one int4-g128 quantization, save, bytes on disk equal bytes reported,
-bit-exact reload, text generation.
+Not heavy (runs in CI): the GGUF is dequantized once into lowbit's cache (a temporary one
+here) bit-exactly as transformers dequantizes it, and loads from there quickly; one int4-g128
+quantization, save, bytes on disk equal bytes reported, bit-exact reload, text generation.
 
 Heavy (``pytest -m heavy``): the dev protocol, 40 windows of 512 tokens of
 ``../shared/data/wikitext2-valid-dev.txt`` (beside the repository), each scheme measured
@@ -17,6 +18,7 @@ import importlib.util
 import json
 import math
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -45,6 +47,14 @@ CALIBRATION_TEXT = SHARED_DATA / "wikitext2-valid-calib.txt"
 DEV_WINDOWS, DEV_LENGTH = 40, 512
 
 
+@pytest.fixture(scope="module", autouse=True)
+def lowbit_cache(tmp_path_factory):
+    """The GGUF cache of these tests is a temporary directory, never the user's."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LOWBIT_CACHE", str(tmp_path_factory.mktemp("lowbit-cache")))
+        yield
+
+
 @pytest.fixture(scope="module")
 def smollm():
     """The float model (dequantized from its Q4_1 GGUF), loaded once for the module."""
@@ -59,6 +69,42 @@ def safetensors_header(file: Path) -> tuple[dict, int]:
         header = json.loads(f.read(length))
     header.pop("__metadata__", None)
     return header, file.stat().st_size - 8 - length
+
+
+def test_gguf_is_dequantized_once_into_the_cache(smollm):
+    """The cached float model is the one transformers dequantizes from the GGUF, bit for bit
+    (weights, logits, tokens, chat template), and later loads read it quickly."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lowbit.gguf_cache import cache_root, entry_directory
+    from lowbit.sources import default_model_path, load_model
+
+    gguf = default_model_path()
+    directory = entry_directory(gguf)
+    assert directory.parent == cache_root() / "gguf" and (directory / "model.safetensors").is_file()
+    direct = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype="auto").eval()
+    ours, theirs = smollm.state_dict(), direct.state_dict()
+    assert ours.keys() == theirs.keys()
+    assert all(ours[k].dtype == theirs[k].dtype == torch.float32 and torch.equal(ours[k], theirs[k]) for k in ours)
+    assert smollm.lm_head.weight is smollm.get_input_embeddings().weight
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    text = (DEV_TEXT if DEV_TEXT.is_file() else lowbit.sources.builtin_sample_path()).read_text()
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert smollm.lowbit_tokenizer(text, add_special_tokens=False)["input_ids"] == ids
+    assert smollm.lowbit_tokenizer.chat_template == tokenizer.chat_template
+    window = torch.tensor([ids[:256]])
+    with torch.no_grad():
+        assert torch.equal(smollm(window).logits, direct(window).logits)
+    del direct
+
+    start = time.perf_counter()
+    lazy, _, _ = load_model("smollm2-135m", lazy=True)
+    assert time.perf_counter() - start < 3
+    assert all(p.is_meta for p in lazy.parameters())
+    start = time.perf_counter()
+    again = lowbit.load("smollm2-135m")
+    assert time.perf_counter() - start < 3  # about 0.4 s alone on 2 cores; the GGUF took 15-20 s
+    assert torch.equal(again.lm_head.weight, smollm.lm_head.weight)
 
 
 def test_int4_round_trip_bytes_and_generation(smollm, tmp_path):
@@ -114,7 +160,7 @@ def dev_windows(smollm):
 
 @pytest.fixture(scope="module")
 def reference(smollm, dev_windows):
-    """The float model's log-probabilities on the dev windows (about 4 GB), and its own numbers."""
+    """The float model's distributions on the dev windows, summed up (47 MB), and its own numbers."""
     cache = reference_log_probs(smollm, dev_windows, progress=False)
     return cache, evaluate_windows(smollm, dev_windows, cache, progress=False)
 
@@ -186,3 +232,16 @@ def test_calibrated_clip_search_beats_plain_rounding(measure):
     clipped = measure("int4-g128+clip", calibrated=True)
     assert clipped["kl_divergence"] < plain["kl_divergence"]
     assert clipped["bits_per_weight"] == plain["bits_per_weight"]  # same format, same bytes
+
+
+@pytest.mark.heavy
+def test_compact_reference_gives_the_exact_kl(smollm, dev_windows):
+    """The summed-up reference (lowbit.eval.quality) against the full distributions, on 4 windows."""
+    windows = dev_windows[:4]
+    cache = reference_log_probs(smollm, windows, progress=False)
+    assert cache.nbytes == windows.numel() * (4 * smollm.config.hidden_size + 16)
+    for scheme in ("int8", "int4-g128"):
+        model = lowbit.quantize(copy.deepcopy(smollm), scheme, progress=False)
+        summed, full = evaluate_windows(model, windows, cache, progress=False), evaluate_windows(model, windows, smollm, progress=False)
+        assert summed["top1_agreement"] == full["top1_agreement"] and summed["perplexity"] == full["perplexity"]
+        assert summed["kl_divergence"] == pytest.approx(full["kl_divergence"], rel=1e-4), scheme
