@@ -308,6 +308,10 @@ def test_compare_holds_one_float_model(tiny_model_dir, eval_text_file, monkeypat
         packed, _ = linear_weight_stats(candidate)
         assert sum(t.numel() * t.element_size() for t in own) == packed  # nothing float was copied
         assert row["weight_bytes"] == weight_bytes(candidate)
+        # its own Parameter objects over the same memory (moving its layers never moves the base's), ties kept
+        embedding, base_embedding = candidate.get_input_embeddings().weight, base.get_input_embeddings().weight
+        assert embedding is not base_embedding and embedding.data_ptr() == base_embedding.data_ptr()
+        assert candidate.lm_head.weight is embedding
     assert result["rows"][0]["kl_divergence"] == 0.0 and result["rows"][0]["top1_agreement"] == 1.0
 
 
