@@ -7,10 +7,11 @@ module here that defines its config and registers its handler, plus its import b
 """
 
 from lowbit.algorithms.base import AlgorithmConfig, Block, config_class, handler_for, method_names, register
+from lowbit.algorithms.gptq import GPTQConfig
 from lowbit.algorithms.rtn import RTNConfig
 from lowbit.algorithms.statistics import InputStatistics
 
 __all__ = [
-    "AlgorithmConfig", "Block", "InputStatistics", "RTNConfig",
+    "AlgorithmConfig", "Block", "GPTQConfig", "InputStatistics", "RTNConfig",
     "config_class", "handler_for", "method_names", "register",
 ]  # fmt: skip

@@ -1,0 +1,276 @@
+"""GPTQ: round a weight one input column at a time, and let the columns not yet rounded
+absorb each rounding error, weighted by the inverse Hessian of the layer's inputs.
+
+Frantar, Ashkboos, Hoefler, Alistarh, "GPTQ: Accurate Post-Training Quantization for
+Generative Pre-trained Transformers" (ICLR 2023); written from the paper and read against
+its reference implementation (IST-DASLab/gptq, ``gptq.py``).
+
+For a linear layer ``y = W x`` and calibration inputs ``X``, the output error of a rounded
+weight ``Q`` is ``‖(W − Q) X‖²``; each row of ``W`` sees the same Hessian ``H = 2 XᵀX`` (the
+``hessian`` statistic is ``XᵀX / n``: a constant factor changes no choice). When column ``j``
+is rounded with error ``e = w_j − q_j``, the columns after it move by
+``−e / [H⁻¹]_jj · [H⁻¹]_{j, >j}`` (Optimal Brain Surgeon), where ``H⁻¹`` is the inverse of
+the Hessian of the columns not yet rounded. Those inverses, for every step of a fixed order,
+are the rows of the upper Cholesky factor ``U`` of ``H⁻¹`` (scaled by ``U_jj``), so one
+factorisation serves the whole weight. Lazy batches: within a block of ``block_size``
+columns the updates are applied column by column; the block's errors reach the columns
+after it once, as one matrix product.
+
+Numerics, as the reference does them:
+
+- a dead input channel (``H_jj = 0``: it was zero on every calibration token) gets
+  ``H_jj = 1`` and its weights set to zero; they only ever multiply zero;
+- ``damp · mean(diag H)`` is added to the diagonal (relative damping); if the Cholesky
+  factorisation still fails, the damping is raised tenfold at a time (with a warning), so the
+  result is never NaN; a Hessian that no damping repairs is refused.
+
+Scale groups. Formats with groups along a row (``int4-g128``, ``nf4``, ``mxfp4``) need each
+group's params before its first column is rounded:
+
+- dynamic groups (the default, as in the paper): group ``g``'s params are chosen, with the
+  format's own ``choose_params``, when the loop reaches its first column, from the weights as
+  the earlier columns' errors have *updated* them. Lazy blocks never let a group start in
+  the middle of pending updates (see :func:`column_blocks`), so those weights are exact;
+- static groups (``static_groups``, always with ``act_order``): every group's params chosen up
+  front from the original weights. So are the params of per-channel and per-tensor formats,
+  and those of formats whose scales are coupled across groups (NF4's double quantization,
+  where no group's stored scale is known before all of them are);
+- ``clip_search``: RTN's per-group clipping search (``rtn.search_clip_ratio``), its error
+  weighted by ``diag(H)``, picks each group's range just before the params are chosen.
+
+Every column is rounded by the format's ``encode`` / ``decode`` with those fixed params, on
+whatever grid the format has (uniform integers, NF4's code book, FP8, E2M1): GPTQ on a
+non-uniform grid is the same loop. The QTensor is ``pack(codes, params)`` of exactly the
+codes and params the loop used, so it dequantizes bit for bit to the weight GPTQ chose.
+
+act_order: columns are rounded in order of decreasing ``diag(H)`` (the most strongly driven
+inputs first, while the most columns are left to absorb their errors), then put back. Groups
+are then static, so the stored layout stays canonical: contiguous groups, no ``g_idx``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from lowbit.algorithms.base import AlgorithmConfig, Block, register
+from lowbit.algorithms.rtn import RTNConfig, quantize_rtn, search_clip_ratio
+from lowbit.algorithms.statistics import HESSIAN
+from lowbit.errors import LowbitError
+from lowbit.formats import FloatFormat, Format
+from lowbit.qtensor import QTensor
+
+#: damping is raised tenfold at a time up to this multiple of mean(diag H)
+MAX_DAMP = 1e4
+
+
+@dataclass(frozen=True)
+class GPTQConfig(AlgorithmConfig):
+    """GPTQ's options: relative ``damp``ing of the Hessian, the lazy-batch ``block_size``,
+    ``act_order`` (round columns by decreasing activation energy; implies static groups),
+    ``static_groups`` (choose every group's params up front from the original weights), and
+    RTN's ``clip_search`` over ``clip_grid`` factors from 1.0 down to ``clip_min``, per group."""
+
+    method = "gptq"
+    damp: float = 0.01
+    block_size: int = 128
+    act_order: bool = False
+    static_groups: bool = False
+    clip_search: bool = False
+    clip_grid: int = 20
+    clip_min: float = 0.5
+
+    def __post_init__(self) -> None:
+        damp = self.damp
+        if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not 0 < damp <= 1:
+            self.fail(f"damp must be a number in (0, 1] (a fraction of the mean Hessian diagonal), got {damp!r}")
+        size = self.block_size
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            self.fail(f"block_size must be a whole number of at least 1, got {size!r}")
+        for flag in ("act_order", "static_groups", "clip_search"):
+            if not isinstance(getattr(self, flag), bool):
+                self.fail(f"{flag} must be true or false, got {getattr(self, flag)!r}")
+        grid = self.clip_grid
+        if isinstance(grid, bool) or not isinstance(grid, int) or grid < 1:
+            self.fail(f"clip_grid must be a whole number of at least 1, got {grid!r}")
+        low = self.clip_min
+        if isinstance(low, bool) or not isinstance(low, (int, float)) or not 0 < low <= 1:
+            self.fail(f"clip_min must be a number in (0, 1], got {low!r}")
+
+    @property
+    def fixed_groups(self) -> bool:
+        """Whether group params are chosen up front (``static_groups``, forced on by ``act_order``)."""
+        return self.static_groups or self.act_order
+
+    def statistics(self) -> frozenset[str]:
+        return frozenset({HESSIAN})
+
+
+def column_blocks(columns: int, block_size: int, group_size: int | None = None) -> list[tuple[int, int]]:
+    """The ``(start, stop)`` lazy-batch blocks of ``columns`` columns.
+
+    With ``group_size`` (dynamic groups), no group starts while updates to its columns are
+    pending: blocks hold whole groups (``block_size`` rounded down to a multiple of the
+    group, at least one group), or, for groups wider than a block, every group starts a block.
+    """
+    span = columns
+    if group_size is not None:
+        span = max(block_size // group_size, 1) * group_size
+    blocks = []
+    for outer in range(0, columns, span):
+        end = min(outer + span, columns)
+        blocks += [(start, min(start + block_size, end)) for start in range(outer, end, block_size)]
+    return blocks
+
+
+def inverse_hessian_factor(hessian: torch.Tensor, damp: float, name: str = "weight") -> torch.Tensor:
+    """The upper Cholesky factor of ``(H + λ I)⁻¹``, ``λ = damp · mean(diag H)``.
+
+    When a factorisation fails (``H`` not positive definite, or too ill-conditioned for
+    float32), the relative damping is raised tenfold, up to ``MAX_DAMP``, with a warning.
+    """
+    diagonal = hessian.diagonal()
+    if not torch.isfinite(hessian).all() or (diagonal < 0).any():
+        raise LowbitError(
+            f"the input statistics of {name} are not a Hessian (non-finite values or a negative "
+            "diagonal); the calibration activations overflowed or are corrupt"
+        )
+    scale = diagonal.mean()
+    relative = damp
+    while True:
+        damped = hessian.clone()
+        damped.diagonal().add_(relative * scale)
+        lower, info = torch.linalg.cholesky_ex(damped)
+        if info == 0:
+            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+            if info == 0 and torch.isfinite(upper).all():
+                if relative != damp:
+                    warnings.warn(
+                        f"gptq: the Hessian of {name} is not positive definite with damping {damp:g}; "
+                        f"damping raised to {relative:g}",
+                        stacklevel=3,
+                    )
+                return upper
+        if relative >= MAX_DAMP:
+            raise LowbitError(
+                f"the Hessian of {name} is not positive definite even with damping {relative:g}; "
+                "its calibration statistics are corrupt"
+            )
+        relative *= 10
+
+
+def gptq_quantize(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    fmt: Format,
+    config: GPTQConfig = GPTQConfig(),
+    name: str = "weight",
+) -> tuple[QTensor, torch.Tensor]:
+    """GPTQ on one ``(out_features, in_features)`` weight with its input Hessian ``(in, in)``.
+
+    Returns the QTensor and the float32 weight the loop rounded to (what its error feedback
+    assumed; the QTensor dequantizes to exactly this). ``name`` appears in warnings and errors.
+    Works on the weight's device, in float32.
+    """
+    if isinstance(fmt, FloatFormat):  # stored as they are: nothing to round, nothing to feed forward
+        qtensor = fmt.quantize(weight)
+        return qtensor, fmt.dequantize(qtensor)
+    if config.clip_search and not fmt.supports_clip:
+        raise LowbitError(f"{fmt.name} has no clipping search (its scales are fixed by the format); drop clip_search")
+    w = weight.detach().float().clone()
+    rows, columns = w.shape
+    if tuple(hessian.shape) != (columns, columns):
+        raise ValueError(f"{name}: a weight with {columns} input columns needs a {columns}x{columns} Hessian, got {tuple(hessian.shape)}")
+    h = hessian.detach().to(w.device, torch.float32, copy=True)
+    dead = h.diagonal() == 0
+    h.diagonal()[dead] = 1
+    w[:, dead] = 0
+    importance = h.diagonal().clone()
+
+    groups = fmt.groups((rows, columns))
+    dynamic = groups.count > 1 and not config.fixed_groups and fmt.search_format == fmt
+    chooser = _GroupParams(w, fmt, config, importance)
+    order = list(range(columns))
+    if config.act_order:
+        perm = torch.argsort(importance, descending=True, stable=True)
+        order = perm.tolist()
+        w, h = w[:, perm], h[perm][:, perm]
+    upper = inverse_hessian_factor(h, config.damp, name)
+    params = None if dynamic else chooser.all_groups()
+
+    codes = torch.empty((rows, columns), dtype=torch.uint8, device=w.device)
+    rounded = torch.empty((rows, columns), dtype=torch.float32, device=w.device)
+    for start, stop in column_blocks(columns, config.block_size, groups.group_size if dynamic else None):
+        block = w[:, start:stop]  # a view: updates land in w
+        errors = torch.empty_like(block)
+        for i in range(stop - start):
+            position = start + i
+            column = order[position]
+            if dynamic and column % groups.group_size == 0:
+                params = chooser.group_starting_at(column, w)
+            span = slice(column, column + 1)
+            code = fmt.encode(block[:, i : i + 1], params, span)
+            value = fmt.decode(code, params, span)
+            codes[:, column] = code[:, 0]
+            rounded[:, column] = value[:, 0]
+            error = (block[:, i : i + 1] - value) / upper[position, position]
+            block[:, i:] -= error * upper[position, position:stop]
+            errors[:, i] = error[:, 0]
+        w[:, stop:] -= errors @ upper[start:stop, stop:]
+    return QTensor(fmt, (rows, columns), fmt.pack(codes, params)), rounded
+
+
+class _GroupParams:
+    """Chooses the params GPTQ rounds with: all at once, or group by group as the loop arrives.
+
+    Group by group, the params are chosen over a whole matrix whose groups so far hold the
+    weights each had when the loop reached it (later groups still hold the originals, whose
+    params are not used until their turn), so the params of the last call are those of every
+    group, exactly as they will be stored.
+    """
+
+    def __init__(self, weight: torch.Tensor, fmt: Format, config: GPTQConfig, importance: torch.Tensor) -> None:
+        self.fmt = fmt
+        self.config = config
+        self.importance = importance
+        self.source = weight.clone()
+        groups = fmt.groups(tuple(weight.shape))
+        self.group_size = groups.group_size
+        self.clip = torch.ones(groups.shape, device=weight.device) if config.clip_search else None
+
+    def _clip_ratio(self, weight: torch.Tensor, importance: torch.Tensor) -> torch.Tensor:
+        return search_clip_ratio(weight, self.fmt, importance, self.config.clip_grid, self.config.clip_min)
+
+    def all_groups(self):
+        """Every group's params from the weights as they are now (the originals)."""
+        if self.clip is not None:
+            self.clip = self._clip_ratio(self.source, self.importance)
+        return self.fmt.choose_params(self.source, clip=self.clip)
+
+    def group_starting_at(self, column: int, weight: torch.Tensor):
+        """Params whose group at ``column`` is chosen from ``weight``'s current columns."""
+        span = slice(column, column + self.group_size)
+        self.source[:, span] = weight[:, span]
+        if self.clip is not None:
+            group = column // self.group_size
+            self.clip[:, group : group + 1] = self._clip_ratio(self.source[:, span], self.importance[span])
+        return self.fmt.choose_params(self.source, clip=self.clip)
+
+
+@register(GPTQConfig)
+def quantize_block(config: GPTQConfig, block: Block, targets: dict[str, Format]) -> dict[str, QTensor]:
+    """GPTQ on every target linear of a block: one Hessian per shared input, collected once."""
+    if block.hidden is None:
+        if block.index >= 0:
+            raise LowbitError("gptq needs calibration text: pass --calibration FILE")
+        # linears outside the decoder layers (lm_head) receive no calibration inputs, as the
+        # pipeline warns: they are rounded to nearest, with the same clipping search
+        rtn = RTNConfig(config.clip_search, config.clip_grid, config.clip_min)
+        return {name: quantize_rtn(block.weight(name), fmt, rtn) for name, fmt in targets.items()}
+    statistics = block.collect(config.statistics(), list(targets))
+    return {
+        name: gptq_quantize(block.weight(name), statistics[name].hessian, fmt, config, f"layer {block.index} {name}")[0]
+        for name, fmt in targets.items()
+    }
