@@ -18,9 +18,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lowbit.algorithms import AlgorithmConfig
+from lowbit.device import resolve_device
 from lowbit.errors import LowbitError
+from lowbit.export import export_model, get_exporter
+from lowbit.export.atomic import check_output
+from lowbit.inspection import inspect_checkpoint
+from lowbit.nn import dense_cache
 from lowbit.eval import bits_per_weight, evaluate_windows, reference_log_probs, weight_bytes
-from lowbit.eval.quality import fits_cache
 from lowbit.pipeline import plan_uses_statistics, quantize_model
 from lowbit.plan import Plan, resolve_scheme
 from lowbit.sources import (
@@ -29,12 +34,15 @@ from lowbit.sources import (
     load_model,
     load_text,
     random_windows,
+    resolve_model,
     token_windows,
     tokenize,
 )
 
 ModelLike = nn.Module | str | os.PathLike
 
+#: the scheme ``quantize`` and ``export`` use when none is named
+DEFAULT_SCHEME = "int4-g128"
 #: the schemes ``compare`` runs when none are named (the README's table)
 DEFAULT_SCHEMES = ("int8", "int4-g128", "int4-g128+clip", "nf4", "nf4-dq", "int3-g128", "fp8", "mxfp4")
 #: the dev protocol: 40 windows of 512 tokens
@@ -42,10 +50,18 @@ DEFAULT_WINDOWS = 40
 DEFAULT_WINDOW_LENGTH = 512
 
 
-def _model_and_tokenizer(model: ModelLike, tokenizer=None, dtype=None):
+def _model_and_tokenizer(model: ModelLike, tokenizer=None, dtype=None, lazy: bool = False):
+    """``(model, tokenizer)`` of a loaded model or of anything :func:`load` takes. ``lazy``: an
+    unquantized model's weights stay on disk (``model.lowbit_weights`` loads them)."""
     if isinstance(model, nn.Module):
         return model, tokenizer or getattr(model, "lowbit_tokenizer", None)
-    loaded, loaded_tokenizer, source = load_model(model, dtype=dtype)
+    source = resolve_model(model)
+    if source.kind == "native":
+        from lowbit.export.native import load_native
+
+        loaded, loaded_tokenizer = load_native(source.path)
+    else:
+        loaded, loaded_tokenizer, source = load_model(source, dtype=dtype, lazy=lazy)
     loaded.lowbit_tokenizer = tokenizer or loaded_tokenizer
     loaded.lowbit_source = str(source)
     return loaded, loaded.lowbit_tokenizer
@@ -81,8 +97,9 @@ def _calibration_for(plans: list[Plan], tokenizer, calibration, samples: int, le
 
 def quantize(
     model: ModelLike,
-    scheme: str | Plan = "int4-g128",
+    scheme: str | Plan = DEFAULT_SCHEME,
     *,
+    method: str | AlgorithmConfig | None = None,
     calibration: str | os.PathLike | torch.Tensor | None = None,
     calibration_samples: int = 128,
     calibration_length: int = 512,
@@ -95,12 +112,16 @@ def quantize(
     ``model`` is a loaded transformers causal LM (quantized in place, as ``load_in_4bit`` users
     expect) or anything :func:`load` takes. ``scheme`` is a preset (``int4-g128``, ``nf4-dq`` …),
     a format name, either with ``+clip``, a plan file, or a :class:`~lowbit.plan.Plan`.
-    ``calibration`` (a text file, or token ids ``(samples, length)``) feeds the algorithms that
+    ``method`` runs the rules that name no algorithm: a name (``"rtn"``) or a typed config
+    (``RTNConfig(clip_search=True)``); default RTN. ``calibration`` (a text file, or token ids ``(samples, length)``) feeds the algorithms that
     use activation statistics, such as the clipping search; when they are in the plan and no
-    calibration is given, lowbit's built-in calibration text is used.
+    calibration is given, lowbit's built-in calibration text is used. ``device`` is where each
+    layer is worked on (default: CUDA when available, else CPU).
     """
-    plan = resolve_scheme(scheme)
-    model, tokenizer = _model_and_tokenizer(model, tokenizer)
+    plan = resolve_scheme(scheme, method)
+    resolve_device(device)  # refuse a device the machine lacks before loading anything
+    # a model given by path streams from disk: the pipeline reads one layer's weights at a time
+    model, tokenizer = _model_and_tokenizer(model, tokenizer, lazy=True)
     tokens = _calibration_for([plan], tokenizer, calibration, calibration_samples, calibration_length)
     return quantize_model(
         model, plan, calibration=tokens, device=device, progress=progress, source=getattr(model, "lowbit_source", None)
@@ -108,10 +129,66 @@ def quantize(
 
 
 def save(model: nn.Module, path: str | os.PathLike, *, tokenizer=None, overwrite: bool = False) -> Path:
-    """Write a quantized model as a native lowbit checkpoint (atomically)."""
-    from lowbit.export.native import save_native
+    """Write a quantized model as a native lowbit checkpoint (atomically); same as
+    ``export(model, path, to="native")``."""
+    return export_model(model, path, "native", tokenizer=tokenizer or getattr(model, "lowbit_tokenizer", None), overwrite=overwrite)
 
-    return save_native(model, path, tokenizer or getattr(model, "lowbit_tokenizer", None), overwrite=overwrite)
+
+def export(
+    model: ModelLike,
+    path: str | os.PathLike,
+    *,
+    to: str = "native",
+    scheme: str | Plan | None = None,
+    method: str | AlgorithmConfig | None = None,
+    calibration: str | os.PathLike | torch.Tensor | None = None,
+    calibration_samples: int = 128,
+    calibration_length: int = 512,
+    tokenizer=None,
+    device: str | torch.device | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Write ``model`` to ``path`` in the layout of target ``to`` (``lowbit.export.exporter_names()``).
+
+    A model lowbit has already quantized (in memory, or a lowbit checkpoint path) is written
+    as it is. Any other model is quantized first with ``scheme`` (default ``int4-g128``),
+    ``method`` and the calibration options of :func:`quantize`. The output is checked before any work, and
+    written under a temporary name renamed into place. Returns a summary: ``path``,
+    ``target``, ``quantized_now``, ``plan``, ``modules`` (quantized linears), ``quantization_seconds`` and the
+    weight bytes and bits per weight before and after.
+    """
+    exporter = get_exporter(to)
+    check_output(Path(path), overwrite)  # refuse before the slow part
+    plan = None if scheme is None and method is None else resolve_scheme(scheme or DEFAULT_SCHEME, method)
+    resolve_device(device)
+    model, tokenizer = _model_and_tokenizer(model, tokenizer, lazy=True)
+    before = _describe(model)
+    quantized_now = getattr(model, "lowbit_manifest", None) is None
+    if quantized_now:
+        quantize(
+            model, plan or resolve_scheme(DEFAULT_SCHEME), calibration=calibration, calibration_samples=calibration_samples,
+            calibration_length=calibration_length, tokenizer=tokenizer, device=device, progress=progress,
+        )  # fmt: skip
+    elif plan is not None:
+        raise LowbitError(
+            "this model is already quantized by lowbit; export it without a scheme or method, or start from the original"
+        )
+    written = export_model(model, path, exporter.name, tokenizer=tokenizer, overwrite=overwrite)
+    manifest = model.lowbit_manifest
+    after = _describe(model)
+    return {
+        "path": str(written),
+        "target": exporter.name,
+        "quantized_now": quantized_now,
+        "plan": manifest["plan"]["name"],
+        "modules": len(manifest["modules"]),
+        "quantization_seconds": manifest["quantization_seconds"],
+        "weight_bytes_before": before["weight_bytes"],
+        "bits_per_weight_before": before["bits_per_weight"],
+        "weight_bytes": after["weight_bytes"],
+        "bits_per_weight": after["bits_per_weight"],
+    }
 
 
 def evaluation_windows(tokenizer, data: str | os.PathLike | None, windows: int | None, window_length: int) -> torch.Tensor:
@@ -141,20 +218,43 @@ def evaluate(
     window_length: int = DEFAULT_WINDOW_LENGTH,
     batch_size: int = 1,
     tokenizer=None,
+    device: str | torch.device | None = None,
     progress: bool = True,
 ) -> dict:
     """Perplexity (and, with a reference, KL and top-1 agreement), weight memory and speed.
 
     Keys: ``perplexity``, ``kl_divergence``, ``top1_agreement``, ``weight_bytes``,
     ``bits_per_weight``, ``tokens_per_second``, ``windows``, ``window_length``, and how it was
-    measured (``data``, ``dtype``, ``device``, ``bos``).
+    measured (``data``, ``dtype``, ``device``, ``bos``). ``device``: where the models run
+    (moved there); by default where they are (the CPU for a model loaded from a path).
     """
+    target = None if device is None else resolve_device(device)  # refuse a missing device before loading
     model, tokenizer = _model_and_tokenizer(model, tokenizer)
     if reference is not None:
         reference, _ = _model_and_tokenizer(reference)
+    if target is not None:
+        model.to(target)
+        if reference is not None:
+            reference.to(target)
     token_windows_ = evaluation_windows(tokenizer, data, windows, window_length)
     result = evaluate_windows(model, token_windows_, reference, batch_size, progress)
     return {**result, **_describe(model), "data": str(data or "built-in sample"), "bos": False}
+
+
+def _sharing_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model``'s modules sharing its parameter and buffer tensors (and tokenizer).
+
+    Quantizing the copy replaces its linears with new modules and leaves the original's
+    intact, so a comparison holds the float model once plus one quantized model. The copy's
+    Parameters are new objects over the same memory, so moving a layer of the copy to a
+    device and back (``.to`` swaps ``Parameter.data``) never moves the original's.
+    """
+    memo: dict[int, object] = {id(b): b for b in model.buffers()}
+    memo.update({id(p): nn.Parameter(p.data, requires_grad=p.requires_grad) for p in model.parameters()})
+    tokenizer = getattr(model, "lowbit_tokenizer", None)
+    if tokenizer is not None:
+        memo[id(tokenizer)] = tokenizer
+    return copy.deepcopy(model, memo)
 
 
 def compare(
@@ -173,7 +273,10 @@ def compare(
 
     Returns ``{"model", "reference", "rows", "data", ...}``; each row has ``scheme``,
     ``bits_per_weight``, ``weight_bytes``, ``perplexity``, ``kl_divergence``,
-    ``top1_agreement``, ``quantization_seconds`` and ``tokens_per_second``.
+    ``top1_agreement``, ``kl_max_rest_mass``, ``quantization_seconds`` and
+    ``tokens_per_second``. The reference is kept compactly (its top tokens per position:
+    ``lowbit.eval.quality``), and each scheme quantizes a copy sharing the float model's
+    tensors: memory holds the float model once plus one quantized model at a time.
     """
     plans = [resolve_scheme(s) for s in schemes]  # refuse a bad scheme before any heavy work
     base, tokenizer = _model_and_tokenizer(model)
@@ -181,14 +284,13 @@ def compare(
         raise LowbitError("compare needs an unquantized model to quantize and to measure against")
     token_windows_ = evaluation_windows(tokenizer, data, windows, window_length)
     calibration_ids = _calibration_for(plans, tokenizer, calibration, 128, window_length)
-    vocab = base.get_output_embeddings().weight.shape[0]
-    reference = reference_log_probs(base, token_windows_, batch_size, progress) if fits_cache(token_windows_, vocab) else base
+    reference = reference_log_probs(base, token_windows_, batch_size, progress)
     reference_row = {"scheme": f"reference ({_describe(base)['dtype']})", **_describe(base)}
     reference_row.update(evaluate_windows(base, token_windows_, reference, batch_size, progress))
     reference_row["quantization_seconds"] = None
     rows = [reference_row]
     for plan in plans:
-        candidate = copy.deepcopy(base)
+        candidate = _sharing_copy(base)
         start = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # a calibration note per scheme would only repeat
@@ -209,11 +311,29 @@ def compare(
     }
 
 
-def generate(model: ModelLike, prompt: str, *, max_new_tokens: int = 64, chat: bool | None = None) -> str:
-    """Greedy continuation of ``prompt``; instruct models get their chat template (``chat=None``: auto)."""
+def generate(
+    model: ModelLike,
+    prompt: str,
+    *,
+    max_new_tokens: int = 64,
+    chat: bool | None = None,
+    device: str | torch.device | None = None,
+) -> str:
+    """Greedy continuation of ``prompt``; instruct models get their chat template (``chat=None``: auto).
+
+    ``device``: where to run (default: where the model is; a model loaded here starts on the CPU).
+    Quantized layers are dequantized once for the call (``lowbit.nn.dense_cache``: at most half
+    the memory available; layers beyond it dequantize per token), so generating on a CPU runs
+    near the float model's speed.
+    """
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise LowbitError(f"the number of new tokens must be a whole number of at least 1, got {max_new_tokens!r}")
+    target = None if device is None else resolve_device(device)
     model, tokenizer = _model_and_tokenizer(model)
     if tokenizer is None:
         raise LowbitError("this model has no tokenizer to turn the prompt into tokens")
+    if target is not None:
+        model.to(target)
     use_chat = getattr(tokenizer, "chat_template", None) is not None if chat is None else chat
     if use_chat:
         ids = tokenizer.apply_chat_template(
@@ -221,15 +341,22 @@ def generate(model: ModelLike, prompt: str, *, max_new_tokens: int = 64, chat: b
         )["input_ids"]
     else:
         ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
-    with torch.no_grad():
+    model_device = next(model.parameters()).device
+    # each quantized layer is dequantized once for the whole call, not once per token
+    with torch.no_grad(), dense_cache(model):
         out = model.generate(
-            input_ids=ids.to(next(model.parameters()).device),
-            attention_mask=torch.ones_like(ids),
+            input_ids=ids.to(model_device),
+            attention_mask=torch.ones_like(ids).to(model_device),
             max_new_tokens=max_new_tokens,
             do_sample=False,
             pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
         )
     return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+
+
+def inspect(path: str | os.PathLike) -> dict:
+    """What a lowbit checkpoint, HF directory or GGUF file holds, read from headers only."""
+    return inspect_checkpoint(path)
 
 
 def size(

@@ -222,11 +222,14 @@ def unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     what a checkpoint stores and what the model's weights take."""
     seen: set[tuple] = set()
     state = {}
-    for name, tensor in model.state_dict().items():
-        key = (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if tensor.is_meta:  # not loaded yet (a lazy model): no storage to compare, the same object is tied
+            key: tuple = ("meta", id(tensor))
+        else:
+            key = (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
         if key not in seen:
             seen.add(key)
-            state[name] = tensor
+            state[name] = tensor.detach()
     return state
 
 

@@ -424,3 +424,14 @@ def test_casting_the_model_keeps_the_stored_parts(cast):
         assert module.bias.dtype == {"bfloat16": torch.bfloat16, "half": torch.float16, "double": torch.float64}[cast]
         module.to("meta")
         assert all(t.is_meta for t in module.state_dict().values())
+
+
+def test_unique_state_dict_of_a_model_still_on_the_meta_device():
+    """A lazily loaded model has no storage yet: tied tensors are still counted once, and
+    distinct tensors of the same shape are not mistaken for one."""
+    model = tiny_model("llama")  # tied embeddings
+    expected = {name: (tuple(t.shape), t.dtype) for name, t in unique_state_dict(model).items()}
+    model.to("meta")
+    model.tie_weights()
+    found = {name: (tuple(t.shape), t.dtype) for name, t in unique_state_dict(model).items()}
+    assert found == expected
