@@ -11,32 +11,40 @@ import os
 from collections import defaultdict
 from pathlib import Path
 
+from lowbit.config import load_config
 from lowbit.errors import LowbitError
 from lowbit.lazy import StoredTensors
 from lowbit.nn import PART_PREFIX, linear_shape
 from lowbit.skeleton import check_stored_bytes, empty_model, manifest_format
-from lowbit.sources import check_gguf, read_json, resolve_model
+from lowbit.sources import read_gguf_layout, read_json, resolve_model
 
 
 def _skeleton(config: dict):
     """The model's modules on the meta device, to read each linear's logical shape."""
-    from transformers import AutoConfig
+    return empty_model(load_config(config))
 
-    plain = {k: v for k, v in config.items() if k != "quantization_config"}
-    return empty_model(AutoConfig.for_model(**plain))
+
+def _linear_shape(path: Path, skeleton, name: str) -> tuple[int, int]:
+    try:
+        return linear_shape(skeleton.get_submodule(name))
+    except AttributeError:
+        raise LowbitError(f"{path}: the manifest names {name!r}, which the model its config describes does not have; the checkpoint is corrupt") from None
 
 
 def _inspect_directory(path: Path, native: bool) -> dict:
     config = read_json(path / "config.json")
     headers = dict(StoredTensors(path).entries)
     manifest = config.get("quantization_config", {}) if native else {}
-    skeleton = _skeleton(config) if manifest.get("modules") else None
+    modules = manifest.get("modules") if isinstance(manifest, dict) else None
+    if native and not isinstance(modules, dict):
+        raise LowbitError(f"{path}: the manifest in config.json lists no quantized modules; the checkpoint is corrupt")
+    skeleton = _skeleton(config) if modules else None
     tensors = []
-    for name, entry in manifest.get("modules", {}).items():
+    for name, entry in (modules or {}).items():
         prefix = f"{name}.{PART_PREFIX}"
         stored = sum(headers.pop(key).nbytes for key in [k for k in headers if k.startswith(prefix)])
         fmt = manifest_format(entry)
-        shape = linear_shape(skeleton.get_submodule(name))
+        shape = _linear_shape(path, skeleton, name)
         check_stored_bytes(path, name, fmt, shape, stored)
         tensors.append({"name": f"{name}.weight", "format": fmt.name, "shape": list(shape), "bytes": stored, "weights": shape[0] * shape[1]})
     for name, info in headers.items():
@@ -55,19 +63,19 @@ def _inspect_directory(path: Path, native: bool) -> dict:
 
 
 def _inspect_gguf(path: Path) -> dict:
-    from gguf import GGUFReader
+    from gguf import GGMLQuantizationType
 
-    check_gguf(path)
-    reader = GGUFReader(path)
-    field = reader.fields.get("general.architecture")
-    architecture = bytes(field.parts[field.data[0]]).decode() if field else None
+    layout = read_gguf_layout(path)
     tensors = []
-    for tensor in reader.tensors:
-        shape = [int(d) for d in reversed(tensor.shape.tolist())]
+    for tensor in layout.tensors:
+        count = 1
+        for dim in tensor.shape:
+            count *= dim
         tensors.append(
-            {"name": tensor.name, "format": f"gguf:{tensor.tensor_type.name}", "shape": shape,
-             "bytes": int(tensor.n_bytes), "weights": int(tensor.n_elements)}
+            {"name": tensor.name, "format": f"gguf:{GGMLQuantizationType(tensor.ggml_type).name}", "shape": list(tensor.shape),
+             "bytes": tensor.nbytes, "weights": count}
         )  # fmt: skip
+    architecture = layout.architecture
     return {"architecture": architecture, "model_type": architecture, "quantized_by": "gguf", "source": None, "plan": None, "tensors": tensors}
 
 
@@ -80,6 +88,8 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict:
         report = _inspect_gguf(Path(source.path) / source.gguf_file)
     else:
         report = _inspect_directory(Path(source.path), native=source.kind == "native")
+    if not any(tensor["weights"] for tensor in report["tensors"]):
+        raise LowbitError(f"{path} holds no weights (no tensors, or only empty ones); it is not a usable model")
     by_format: dict[str, dict] = defaultdict(lambda: {"tensors": 0, "weights": 0, "bytes": 0})
     for tensor in report["tensors"]:
         group = by_format[tensor["format"]]

@@ -318,6 +318,22 @@ def check_gguf(path: Path) -> GGUFLayout:
     return read_gguf_layout(path)
 
 
+class _Flat:
+    """A model as transformers' GGUF name mapping sees it, without children: the mapping
+    walks every submodule and rebuilds gguf-py's name table for each (seconds per model),
+    which only models whose weights sit under a child (Bloom) need."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.config = model.config
+        self._state = model.state_dict(keep_vars=True)
+
+    def state_dict(self) -> dict:
+        return self._state
+
+    def named_children(self) -> list:
+        return []
+
+
 def check_gguf_model(path: Path, layout: GGUFLayout | None = None) -> None:
     """The model a GGUF file's metadata describes must be what its tensors hold.
 
@@ -349,12 +365,15 @@ def check_gguf_model(path: Path, layout: GGUFLayout | None = None) -> None:
         raise
     except Exception as error:  # transformers and gguf-py raise many kinds on a file they cannot read
         raise LowbitError(f"{path}: transformers cannot read this GGUF file ({type(error).__name__}: {error})") from None
-    config = load_config(parsed)
+    try:
+        config = load_config(parsed)
+    except LowbitError as error:
+        raise LowbitError(f"{path} describes no model lowbit can build: {error}") from None
     model = empty_model(config)
     model.tie_weights()
     processor = TENSOR_PROCESSORS.get(layout.architecture, TensorProcessor)(config=parsed)
     try:
-        to_hf = get_gguf_hf_weights_map(model, processor)
+        to_hf = get_gguf_hf_weights_map(_Flat(model), processor)
     except NotImplementedError as error:
         raise LowbitError(f"{path}: {error}") from None
     stored = {t.name: t for t in layout.tensors}

@@ -37,7 +37,7 @@ from lowbit.errors import LowbitError
 from lowbit.export.atomic import atomic_directory
 from lowbit.config import load_config
 from lowbit.lazy import FLOAT_DTYPES, INDEX_FILE, StoredTensors, put_tensor, tensor_groups
-from lowbit.nn import PART_PREFIX, QuantLinear, linear_shape, set_submodule, unique_state_dict
+from lowbit.nn import PART_PREFIX, QuantLinear, is_linear, linear_shape, set_submodule, unique_state_dict
 from lowbit.skeleton import check_parts, empty_model, manifest_format
 from lowbit.sources import read_json
 
@@ -75,6 +75,23 @@ def _shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, to
     return shards
 
 
+def estimated_bytes(model: nn.Module, plan=None) -> int:
+    """The bytes :func:`save_native` writes for ``model``'s tensors, from shapes alone (a model
+    on the meta device will do): as it is, or with the linears ``plan`` quantizes at their
+    format's exact size."""
+    formats = {}
+    if plan is not None:
+        for name, module in model.named_modules():
+            rule = plan.rule_for(name) if is_linear(module) else None
+            if rule is not None and rule.format is not None:
+                formats[f"{name}.weight"] = rule.format
+    total = 0
+    for name, tensor in unique_state_dict(model).items():
+        fmt = formats.get(name)
+        total += fmt.storage_bytes(tuple(tensor.shape)) if fmt else tensor.numel() * tensor.element_size()
+    return total
+
+
 def save_native(
     model: nn.Module,
     path: str | os.PathLike,
@@ -88,7 +105,8 @@ def save_native(
     if manifest is None:
         raise LowbitError("this model was not quantized by lowbit; quantize it first (lowbit.quantize)")
     path = Path(path)
-    with atomic_directory(path, overwrite) as temporary:
+    inputs = [getattr(model, "lowbit_source", None)]
+    with atomic_directory(path, overwrite, inputs=inputs, needed_bytes=estimated_bytes(model)) as temporary:
         config = model.config.to_dict()
         config["quantization_config"] = manifest
         (temporary / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")

@@ -37,6 +37,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from lowbit.errors import LowbitError
 from lowbit.qtensor import QTensor
 
 
@@ -108,6 +109,19 @@ def check_matrix(weight: torch.Tensor, format_name: str) -> None:
         raise ValueError(f"{format_name} quantizes 2-D weights, got shape {tuple(weight.shape)}")
     if not weight.is_floating_point():
         raise ValueError(f"{format_name} quantizes float weights, got {weight.dtype}")
+
+
+def check_finite(weight: torch.Tensor, format_name: str) -> None:
+    """Refuse NaN and infinite weights: they would make their group's scale (or the whole
+    tensor's) non-finite, and a non-finite scale is never stored."""
+    if weight.is_meta:  # shapes only (part layouts, sizes): no values to check
+        return
+    bad = int((~torch.isfinite(weight)).sum())
+    if bad:
+        raise LowbitError(
+            f"{format_name} cannot quantize a weight holding {bad} NaN or infinite value(s) of {weight.numel()}: "
+            "a scale chosen from them would not be finite; fix the weights (or zero them first)"
+        )
 
 
 def refuse_importance(importance: torch.Tensor | None, format_name: str) -> None:

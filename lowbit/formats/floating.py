@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from lowbit.formats.base import Format, ScaleGroups, check_matrix, refuse_importance
+from lowbit.errors import LowbitError
+from lowbit.formats.base import Format, ScaleGroups, check_finite, check_matrix, refuse_importance
 
 FLOAT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -40,6 +41,7 @@ class FloatFormat(Format):
         self, weight: torch.Tensor, *, clip: torch.Tensor | None = None, importance: torch.Tensor | None = None
     ) -> FloatParams:
         check_matrix(weight, self.name)
+        check_finite(weight, self.name)
         if clip is not None:
             raise ValueError(f"{self.name} stores floats as they are; it has no clipping search")
         refuse_importance(importance, self.name)
@@ -47,7 +49,10 @@ class FloatFormat(Format):
 
     def encode(self, weight: torch.Tensor, params: FloatParams, columns: slice | None = None) -> torch.Tensor:
         check_matrix(weight, self.name)
-        return weight.to(self.dtype, copy=True).contiguous()
+        codes = weight.to(self.dtype, copy=True).contiguous()
+        if not weight.is_meta and not torch.isfinite(codes).all() and torch.isfinite(weight).all():
+            raise LowbitError(f"{self.name} cannot hold this weight: it has values beyond ±{torch.finfo(self.dtype).max:g}")
+        return codes
 
     def decode(
         self, codes: torch.Tensor, params: FloatParams, columns: slice | None = None, dtype: torch.dtype = torch.float32

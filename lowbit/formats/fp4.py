@@ -21,6 +21,7 @@ import torch
 from lowbit.formats.base import (
     Format,
     ScaleGroups,
+    check_finite,
     check_matrix,
     column_range,
     refuse_importance,
@@ -67,6 +68,7 @@ class MXFP4Format(Format):
         self, weight: torch.Tensor, *, clip: torch.Tensor | None = None, importance: torch.Tensor | None = None
     ) -> MXParams:
         check_matrix(weight, self.name)
+        check_finite(weight, self.name)
         if clip is not None:
             raise ValueError("mxfp4 scales are powers of two fixed by the spec; it has no clipping search")
         refuse_importance(importance, self.name)

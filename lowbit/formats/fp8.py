@@ -20,6 +20,7 @@ import torch
 from lowbit.formats.base import (
     Format,
     ScaleGroups,
+    check_finite,
     check_matrix,
     clip_factors,
     refuse_importance,
@@ -63,6 +64,7 @@ class FP8Format(Format):
         self, weight: torch.Tensor, *, clip: torch.Tensor | None = None, importance: torch.Tensor | None = None
     ) -> FP8Params:
         check_matrix(weight, self.name)
+        check_finite(weight, self.name)
         refuse_importance(importance, self.name)
         groups = self.groups((weight.shape[0], weight.shape[1]))
         absmax = groups.split(weight.float()).abs().amax(-1)

@@ -32,6 +32,7 @@ import torch
 from lowbit.formats.base import (
     Format,
     ScaleGroups,
+    check_finite,
     check_matrix,
     clip_factors,
     column_range,
@@ -100,6 +101,7 @@ class IntegerFormat(Format):
         self, weight: torch.Tensor, *, clip: torch.Tensor | None = None, importance: torch.Tensor | None = None
     ) -> IntegerParams:
         check_matrix(weight, self.name)
+        check_finite(weight, self.name)
         refuse_importance(importance, self.name)
         groups = self.groups((weight.shape[0], weight.shape[1]))
         grouped = groups.split(weight.float())

@@ -41,6 +41,7 @@ import torch
 from lowbit.formats.base import (
     Format,
     ScaleGroups,
+    check_finite,
     check_matrix,
     clip_factors,
     column_range,
@@ -139,6 +140,7 @@ class NF4Format(Format):
         self, weight: torch.Tensor, *, clip: torch.Tensor | None = None, importance: torch.Tensor | None = None
     ) -> NF4Params:
         check_matrix(weight, self.name)
+        check_finite(weight, self.name)
         refuse_importance(importance, self.name)
         groups = self.groups((weight.shape[0], weight.shape[1]))
         absmax = groups.split(weight.float()).abs().amax(-1)
