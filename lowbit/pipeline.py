@@ -202,6 +202,24 @@ def _assign(model: nn.Module, plan: Plan) -> dict[str, Rule]:
     return assigned
 
 
+def _check_finite(name: str, tensor: torch.Tensor, allow: bool) -> None:
+    """NaN or inf in a source weight is an error naming it (one NaN would spoil its whole scale
+    group, or the whole tensor); with ``allow`` they are replaced by zeros, with a warning."""
+    if tensor.is_meta or not tensor.is_floating_point():
+        return
+    bad = ~torch.isfinite(tensor)
+    count = int(bad.sum())
+    if not count:
+        return
+    if not allow:
+        raise LowbitError(
+            f"{name} holds {count} NaN or infinite value(s) of {tensor.numel()}; fix the source model, or pass "
+            "--allow-nonfinite (allow_nonfinite=True) to replace them with zeros"
+        )
+    tensor.masked_fill_(bad, 0)
+    warnings.warn(f"{name}: replaced {count} NaN or infinite value(s) with zeros (--allow-nonfinite)", stacklevel=3)
+
+
 def plan_uses_statistics(plan: Plan) -> bool:
     """Whether any rule's algorithm would use calibration statistics."""
     return any(rule.config.statistics() for rule in plan.rules if rule.format is not None)
@@ -235,6 +253,7 @@ def quantize_model(
     batch_size: int = 8,
     progress: bool = True,
     source: str | None = None,
+    allow_nonfinite: bool = False,
 ) -> nn.Module:
     """Quantize ``model``'s linears in place, layer by layer, as ``plan`` says; return the model.
 
@@ -242,6 +261,8 @@ def quantize_model(
     that take statistics. ``device`` is where each layer is worked on (default: CUDA when
     available, else CPU); the model stays where it is. A model loaded lazily
     (``model.lowbit_weights``) has each layer's weights read from disk just before its turn.
+    Every weight is checked before it is quantized: NaN or inf is an error naming the tensor,
+    unless ``allow_nonfinite``, which replaces them with zeros (and warns).
     """
     start = time.perf_counter()
     device = resolve_device(device)
@@ -251,6 +272,9 @@ def quantize_model(
     lazy = getattr(model, "lowbit_weights", None)
     if lazy is not None:
         lazy.materialize_outside(f"{layers_path}.")
+    for name, tensor in model.named_parameters():
+        if not name.startswith(f"{layers_path}."):
+            _check_finite(name, tensor, allow_nonfinite)
     assigned = _assign(model, plan)
     calibrate = calibration is not None and any(rule.config.statistics() for rule in assigned.values())
     if calibration is not None and not calibrate:
@@ -262,6 +286,8 @@ def quantize_model(
         prefix = f"{layers_path}.{index}."
         if lazy is not None:
             lazy.materialize(prefix)
+        for name, tensor in layer.named_parameters(prefix=prefix.rstrip(".")):
+            _check_finite(name, tensor, allow_nonfinite)
         targets = {name: rule for name, rule in assigned.items() if name.startswith(prefix)}
         home = next(layer.parameters()).device
         layer.to(device)
