@@ -10,6 +10,7 @@ from lowbit.version import __version__
 from lowbit.algorithms import RTNConfig, method_names
 from lowbit.api import (
     DEFAULT_SCHEME,
+    QUALITY_BUDGETS,
     DEFAULT_SCHEMES,
     compare,
     evaluate,
@@ -18,6 +19,7 @@ from lowbit.api import (
     inspect,
     load,
     quantize,
+    recipe,
     save,
     size,
 )
@@ -29,7 +31,7 @@ from lowbit.qtensor import QTensor
 from lowbit.sources import DEFAULT_MODEL
 
 __all__ = [
-    "DEFAULT_MODEL", "DEFAULT_SCHEME", "DEFAULT_SCHEMES", "PRESETS", "LowbitError", "Plan", "QTensor", "RTNConfig",
+    "DEFAULT_MODEL", "DEFAULT_SCHEME", "DEFAULT_SCHEMES", "PRESETS", "QUALITY_BUDGETS", "LowbitError", "Plan", "QTensor", "RTNConfig",
     "__version__", "compare", "method_names", "evaluate", "export", "exporter_names", "generate", "get_format", "inspect", "load",
-    "quantize", "save", "size",
+    "quantize", "recipe", "save", "size",
 ]  # fmt: skip

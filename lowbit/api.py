@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import os
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -19,20 +20,25 @@ import torch
 from torch import nn
 
 from lowbit.algorithms import AlgorithmConfig
+from lowbit.config import read_raw_config
 from lowbit.device import resolve_device
 from lowbit.errors import LowbitError
 from lowbit.export import export_model, get_exporter
 from lowbit.export.atomic import check_output
+from lowbit.export.native import estimated_bytes
 from lowbit.inspection import inspect_checkpoint
 from lowbit.nn import dense_cache
 from lowbit.eval import bits_per_weight, evaluate_windows, reference_log_probs, weight_bytes
+from lowbit.eval.verdict import QUALITY_BUDGETS, Rung, ladder, meets, verdict
 from lowbit.pipeline import plan_uses_statistics, quantize_model
 from lowbit.plan import Plan, resolve_scheme
 from lowbit.sources import (
     DEFAULT_MODEL,
+    ModelSource,
     builtin_calibration_path,
     load_model,
     load_text,
+    load_tokenizer,
     random_windows,
     resolve_model,
     token_windows,
@@ -95,6 +101,69 @@ def _calibration_for(plans: list[Plan], tokenizer, calibration, samples: int, le
     return calibration_tokens(tokenizer, builtin_calibration_path(), BUILTIN_CALIBRATION_SAMPLES, length)
 
 
+_KEEP_DTYPES = {
+    "fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16,
+}  # fmt: skip
+
+
+def _parse_keep_dtype(keep_dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if keep_dtype is None or keep_dtype in _KEEP_DTYPES.values():
+        return keep_dtype
+    if isinstance(keep_dtype, str) and keep_dtype.lower() in _KEEP_DTYPES:
+        return _KEEP_DTYPES[keep_dtype.lower()]
+    raise LowbitError(f"keep dtype must be one of fp32, bf16, fp16, got {keep_dtype!r}")
+
+
+def kept_dtype(model: nn.Module, keep_dtype: torch.dtype | None = None) -> torch.dtype | None:
+    """The dtype the unquantized tensors of ``model`` are stored in once it is quantized.
+
+    ``keep_dtype`` when given; else the source's 16-bit dtype: the one its config declares
+    (bf16 or fp16), bf16 for a GGUF source (dequantized to float32 on loading, it declares
+    none); else None (left as loaded: a float32 checkpoint stays float32).
+    """
+    if keep_dtype is not None:
+        return keep_dtype
+    declared = getattr(model.config, "dtype", None)
+    declared = getattr(torch, declared) if isinstance(declared, str) and hasattr(torch, declared) else declared
+    if declared in (torch.bfloat16, torch.float16):
+        return declared
+    if str(getattr(model, "lowbit_source", "")).lower().endswith(".gguf"):
+        return torch.bfloat16
+    return None
+
+
+def _check_calibration(model: nn.Module, plan: Plan, calibration, samples: int, length: int) -> None:
+    """Refuse calibration token ids the model cannot read, or more calibration than this
+    machine can hold (estimated from the sizes, before any is drawn), with the numbers."""
+    import psutil
+
+    if isinstance(calibration, torch.Tensor):
+        vocabulary = model.get_input_embeddings().num_embeddings
+        if calibration.dim() != 2 or calibration.dtype not in (torch.int64, torch.int32) or calibration.numel() == 0:
+            raise LowbitError(
+                "calibration token ids must be a (samples, length) tensor of int64 or int32, "
+                f"got shape {tuple(calibration.shape)} and {calibration.dtype}"
+            )
+        low, high = int(calibration.min()), int(calibration.max())
+        if low < 0 or high >= vocabulary:
+            raise LowbitError(f"calibration token ids must lie in 0..{vocabulary - 1} (the model's vocabulary), got {low}..{high}")
+        samples, length = calibration.shape
+    elif not plan_uses_statistics(plan):
+        return
+    for value, what in ((samples, "calibration samples"), (length, "calibration length")):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise LowbitError(f"{what} must be a whole number of at least 1, got {value!r}")
+    # the token ids, and one layer's input and output hidden states for every token, in float32
+    needed = samples * length * (8 + 2 * 4 * model.get_input_embeddings().embedding_dim)
+    available = psutil.virtual_memory().available
+    if needed > available // 2:
+        raise LowbitError(
+            f"{samples} calibration samples of {length} tokens need about {needed / 1e9:,.1f} GB of activations and "
+            f"this machine has {available / 1e9:,.1f} GB available; use fewer --calibration-samples or a shorter --calibration-length"
+        )
+
+
 def quantize(
     model: ModelLike,
     scheme: str | Plan = DEFAULT_SCHEME,
@@ -105,9 +174,15 @@ def quantize(
     calibration_length: int = 512,
     tokenizer=None,
     device: str | torch.device | None = None,
+    keep_dtype: str | torch.dtype | None = None,
+    allow_nonfinite: bool = False,
     progress: bool = True,
 ) -> nn.Module:
     """Quantize a model's linear layers as ``scheme`` says and return the transformers model.
+
+    A NaN or infinite weight is an error naming the tensor; ``allow_nonfinite=True`` replaces
+    them with zeros (and warns). Calibration is checked before it is drawn (token ids in the
+    vocabulary, an activation size this machine can hold).
 
     ``model`` is a loaded transformers causal LM (quantized in place, as ``load_in_4bit`` users
     expect) or anything :func:`load` takes. ``scheme`` is a preset (``int4-g128``, ``nf4-dq`` …),
@@ -116,16 +191,21 @@ def quantize(
     (``RTNConfig(clip_search=True)``); default RTN. ``calibration`` (a text file, or token ids ``(samples, length)``) feeds the algorithms that
     use activation statistics, such as the clipping search; when they are in the plan and no
     calibration is given, lowbit's built-in calibration text is used. ``device`` is where each
-    layer is worked on (default: CUDA when available, else CPU).
+    layer is worked on (default: CUDA when available, else CPU). ``keep_dtype``: the dtype of
+    the tensors that stay unquantized (embeddings, norms, a kept ``lm_head``); default the
+    source's 16-bit dtype (:func:`kept_dtype`), ``"fp32"`` to keep float32.
     """
     plan = resolve_scheme(scheme, method)
+    keep = _parse_keep_dtype(keep_dtype)
     resolve_device(device)  # refuse a device the machine lacks before loading anything
     # a model given by path streams from disk: the pipeline reads one layer's weights at a time
     model, tokenizer = _model_and_tokenizer(model, tokenizer, lazy=True)
+    _check_calibration(model, plan, calibration, calibration_samples, calibration_length)
     tokens = _calibration_for([plan], tokenizer, calibration, calibration_samples, calibration_length)
     return quantize_model(
-        model, plan, calibration=tokens, device=device, progress=progress, source=getattr(model, "lowbit_source", None)
-    )
+        model, plan, calibration=tokens, device=device, progress=progress, allow_nonfinite=allow_nonfinite, source=getattr(model, "lowbit_source", None),
+        keep_dtype=kept_dtype(model, keep),
+    )  # fmt: skip
 
 
 def save(model: nn.Module, path: str | os.PathLike, *, tokenizer=None, overwrite: bool = False) -> Path:
@@ -146,29 +226,36 @@ def export(
     calibration_length: int = 512,
     tokenizer=None,
     device: str | torch.device | None = None,
+    keep_dtype: str | torch.dtype | None = None,
     overwrite: bool = False,
+    allow_nonfinite: bool = False,
     progress: bool = True,
 ) -> dict:
     """Write ``model`` to ``path`` in the layout of target ``to`` (``lowbit.export.exporter_names()``).
 
     A model lowbit has already quantized (in memory, or a lowbit checkpoint path) is written
     as it is. Any other model is quantized first with ``scheme`` (default ``int4-g128``),
-    ``method`` and the calibration options of :func:`quantize`. The output is checked before any work, and
+    ``method``, ``keep_dtype`` and the calibration options of :func:`quantize`. The output is checked before any work, and
     written under a temporary name renamed into place. Returns a summary: ``path``,
     ``target``, ``quantized_now``, ``plan``, ``modules`` (quantized linears), ``quantization_seconds`` and the
     weight bytes and bits per weight before and after.
     """
     exporter = get_exporter(to)
-    check_output(Path(path), overwrite)  # refuse before the slow part
+    source = None if isinstance(model, nn.Module) else str(resolve_model(model))
+    check_output(path, overwrite, inputs=[source])  # refuse before the slow part
     plan = None if scheme is None and method is None else resolve_scheme(scheme or DEFAULT_SCHEME, method)
     resolve_device(device)
     model, tokenizer = _model_and_tokenizer(model, tokenizer, lazy=True)
+    to_quantize = None if getattr(model, "lowbit_manifest", None) is not None else plan or resolve_scheme(DEFAULT_SCHEME)
+    inputs = [getattr(model, "lowbit_source", None)]
+    check_output(path, overwrite, inputs=inputs, needed_bytes=estimated_bytes(model, to_quantize))  # shapes alone
     before = _describe(model)
     quantized_now = getattr(model, "lowbit_manifest", None) is None
     if quantized_now:
         quantize(
             model, plan or resolve_scheme(DEFAULT_SCHEME), calibration=calibration, calibration_samples=calibration_samples,
-            calibration_length=calibration_length, tokenizer=tokenizer, device=device, progress=progress,
+            calibration_length=calibration_length, tokenizer=tokenizer, device=device, allow_nonfinite=allow_nonfinite, keep_dtype=keep_dtype,
+            progress=progress,
         )  # fmt: skip
     elif plan is not None:
         raise LowbitError(
@@ -191,13 +278,67 @@ def export(
     }
 
 
-def evaluation_windows(tokenizer, data: str | os.PathLike | None, windows: int | None, window_length: int) -> torch.Tensor:
+def expects_bos(tokenizer) -> bool:
+    """Whether the model expects a BOS token first: its tokenizer puts one at the start of
+    ``tokenizer("a")`` (SmolLM2's does not; Llama's and Gemma's do)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return False
+    ids = tokenizer("a")["input_ids"]
+    return bool(ids) and ids[0] == bos
+
+
+def evaluation_windows(
+    tokenizer, data: str | os.PathLike | None, windows: int | None, window_length: int, bos: bool | None = None
+) -> torch.Tensor:
     """Token windows for evaluation. ``data=None`` is the built-in sample; ``windows=None`` takes
-    as many as the text holds, up to the dev protocol's 40."""
+    as many as the text holds, up to the dev protocol's 40.
+
+    ``bos``: start every window with the tokenizer's BOS token followed by ``window_length - 1``
+    tokens of text (``None``: when the tokenizer adds one itself, :func:`expects_bos`). Without
+    BOS a window is ``window_length`` tokens of text.
+    """
     tokens = tokenize(tokenizer, load_text(data))
+    use_bos = expects_bos(tokenizer) if bos is None else bos
+    if use_bos and getattr(tokenizer, "bos_token_id", None) is None:
+        raise LowbitError("this tokenizer has no BOS token to start the windows with; evaluate with bos=False (--no-bos)")
+    length = window_length - 1 if use_bos else window_length
+    if use_bos and length < 1:
+        raise LowbitError(f"window length must be at least 2 tokens, got {window_length}")
     if windows is None:
-        windows = max(1, min(DEFAULT_WINDOWS, tokens.numel() // window_length))
-    return token_windows(tokens, windows, window_length)
+        windows = max(1, min(DEFAULT_WINDOWS, tokens.numel() // max(length, 1)))
+    text = token_windows(tokens, windows, length)
+    if not use_bos:
+        return text
+    return torch.cat([torch.full((text.shape[0], 1), tokenizer.bos_token_id, dtype=text.dtype), text], dim=1)
+
+
+def _tokenizer_first(model: ModelLike, tokenizer=None):
+    """The tokenizer of ``model`` without loading its weights (to check the text first):
+    a loaded model's, or the one saved beside a checkpoint; for a GGUF file the one in its
+    dequantized cache when there is one (reading it from the GGUF takes seconds)."""
+    if tokenizer is not None or isinstance(model, nn.Module):
+        return tokenizer or getattr(model, "lowbit_tokenizer", None)
+    source = resolve_model(model)
+    if source.gguf_file:
+        from lowbit.gguf_cache import entry_directory
+
+        cached = entry_directory(Path(source.path) / source.gguf_file)
+        if (cached / "tokenizer_config.json").is_file():
+            source = ModelSource("hf", str(cached))
+    return load_tokenizer(ModelSource("hf", source.path) if source.kind == "native" else source)
+
+
+def describe_reference(model: nn.Module) -> str:
+    """Where a reference model comes from, in words: "SmolLM2-135M-Instruct.Q4_1.gguf
+    dequantized to float32", "models/llama (bfloat16)"."""
+    dtype = _describe(model)["dtype"]
+    source = getattr(model, "lowbit_source", None)
+    if source is None:
+        return f"the model given ({dtype})"
+    if str(source).lower().endswith(".gguf"):
+        return f"{Path(source).name} dequantized to {dtype}"
+    return f"{source} ({dtype})"
 
 
 def _describe(model: nn.Module) -> dict:
@@ -218,17 +359,25 @@ def evaluate(
     window_length: int = DEFAULT_WINDOW_LENGTH,
     batch_size: int = 1,
     tokenizer=None,
+    bos: bool | None = None,
     device: str | torch.device | None = None,
     progress: bool = True,
 ) -> dict:
     """Perplexity (and, with a reference, KL and top-1 agreement), weight memory and speed.
 
-    Keys: ``perplexity``, ``kl_divergence``, ``top1_agreement``, ``weight_bytes``,
-    ``bits_per_weight``, ``tokens_per_second``, ``windows``, ``window_length``, and how it was
-    measured (``data``, ``dtype``, ``device``, ``bos``). ``device``: where the models run
-    (moved there); by default where they are (the CPU for a model loaded from a path).
+    Keys: ``perplexity``, ``kl_divergence``, ``top1_agreement`` (each with its standard error
+    across windows: ``log_perplexity_se``, ``kl_divergence_se``, ``top1_agreement_se``),
+    ``weight_bytes``, ``bits_per_weight``, ``tokens_per_second``, ``windows``,
+    ``window_length``, and how it was measured (``data``, ``dtype``, ``device``, ``bos``,
+    ``reference``). ``bos``: start each window with BOS (default: when the tokenizer adds one,
+    :func:`expects_bos`). The text is read and checked before any model is loaded.
+    ``device``: where the models run (moved there); by default where they are (the CPU for a
+    model loaded from a path).
     """
     target = None if device is None else resolve_device(device)  # refuse a missing device before loading
+    tokenizer = _tokenizer_first(model, tokenizer)
+    use_bos = expects_bos(tokenizer) if bos is None else bos
+    token_windows_ = evaluation_windows(tokenizer, data, windows, window_length, use_bos)  # before any model
     model, tokenizer = _model_and_tokenizer(model, tokenizer)
     if reference is not None:
         reference, _ = _model_and_tokenizer(reference)
@@ -236,9 +385,14 @@ def evaluate(
         model.to(target)
         if reference is not None:
             reference.to(target)
-    token_windows_ = evaluation_windows(tokenizer, data, windows, window_length)
     result = evaluate_windows(model, token_windows_, reference, batch_size, progress)
-    return {**result, **_describe(model), "data": str(data or "built-in sample"), "bos": False}
+    return {
+        **result,
+        **_describe(model),
+        "data": str(data or "built-in sample"),
+        "bos": use_bos,
+        "reference": None if reference is None else describe_reference(reference),
+    }
 
 
 def _sharing_copy(model: nn.Module) -> nn.Module:
@@ -257,57 +411,186 @@ def _sharing_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
+class _Measurement:
+    """One unquantized model measured once on the evaluation windows; each scheme then
+    quantizes a copy sharing its tensors (:func:`_sharing_copy`) and is measured against it.
+    What :func:`compare` and :func:`recipe` share."""
+
+    def __init__(self, model, plans, *, data, windows, window_length, calibration, batch_size, bos, keep_dtype, device, progress):
+        keep = _parse_keep_dtype(keep_dtype)
+        if not isinstance(model, nn.Module) and resolve_model(model).kind == "native":
+            raise LowbitError("compare needs an unquantized model to quantize and to measure against")
+        tokenizer = _tokenizer_first(model)
+        self.bos = expects_bos(tokenizer) if bos is None else bos
+        self.windows = evaluation_windows(tokenizer, data, windows, window_length, self.bos)  # before any model
+        self.base, tokenizer = _model_and_tokenizer(model, tokenizer)
+        if getattr(self.base, "lowbit_manifest", None) is not None:
+            raise LowbitError("compare needs an unquantized model to quantize and to measure against")
+        self.keep_dtype = kept_dtype(self.base, keep)
+        self.calibration = _calibration_for(plans, tokenizer, calibration, 128, window_length)
+        self.calibration_name = None if self.calibration is None else str(calibration or "built-in calibration text")
+        self.batch_size, self.device, self.progress = batch_size, device, progress
+        self.data = str(data or "built-in sample")
+        self.model = str(model) if not isinstance(model, nn.Module) else getattr(self.base, "lowbit_source", type(self.base).__name__)
+        self.reference = reference_log_probs(self.base, self.windows, batch_size, progress)
+        self.reference_row = {"scheme": f"reference ({_describe(self.base)['dtype']})", **_describe(self.base)}
+        self.reference_row.update(evaluate_windows(self.base, self.windows, self.reference, batch_size, progress))
+        self.reference_row["quantization_seconds"] = None
+
+    def measure(self, plan: Plan) -> dict:
+        candidate = _sharing_copy(self.base)
+        start = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a calibration note per scheme would only repeat
+            quantize_model(
+                candidate, plan, calibration=self.calibration, device=self.device, progress=self.progress,
+                keep_dtype=self.keep_dtype,
+            )  # fmt: skip
+        seconds = time.perf_counter() - start
+        row = {"scheme": plan.name, **_describe(candidate), "quantization_seconds": seconds}
+        row.update(evaluate_windows(candidate, self.windows, self.reference, self.batch_size, self.progress))
+        return row
+
+    def summary(self) -> dict:
+        return {
+            "model": self.model,
+            "reference": describe_reference(self.base),
+            "data": self.data,
+            "windows": int(self.windows.shape[0]),
+            "window_length": int(self.windows.shape[1]),
+            "calibration": self.calibration_name,
+            "bos": self.bos,
+            "keep_dtype": None if self.keep_dtype is None else str(self.keep_dtype).replace("torch.", ""),
+        }
+
+
+def _progress_line(index: int, total: int, label: str, progress: bool) -> None:
+    """The overall progress across schemes, ``[3/8] int4-g128``, on stderr."""
+    if progress:
+        print(f"[{index}/{total}] {label}", file=sys.stderr, flush=True)
+
+
 def compare(
     model: ModelLike = DEFAULT_MODEL,
-    schemes: list[str] | tuple[str, ...] = DEFAULT_SCHEMES,
+    schemes: list[str | Plan] | tuple[str | Plan, ...] = DEFAULT_SCHEMES,
     *,
     data: str | os.PathLike | None = None,
     windows: int | None = None,
     window_length: int = DEFAULT_WINDOW_LENGTH,
     calibration: str | os.PathLike | None = None,
     batch_size: int = 1,
+    bos: bool | None = None,
+    keep_dtype: str | torch.dtype | None = None,
+    budgets: dict[str, float] | None = None,
     device: str | torch.device | None = None,
     progress: bool = True,
 ) -> dict:
-    """Quantize ``model`` to each scheme and measure each against the unquantized model.
+    """Quantize ``model`` to each scheme, measure each against the unquantized model, and answer.
 
-    Returns ``{"model", "reference", "rows", "data", ...}``; each row has ``scheme``,
-    ``bits_per_weight``, ``weight_bytes``, ``perplexity``, ``kl_divergence``,
-    ``top1_agreement``, ``kl_max_rest_mass``, ``quantization_seconds`` and
-    ``tokens_per_second``. The reference is kept compactly (its top tokens per position:
-    ``lowbit.eval.quality``), and each scheme quantizes a copy sharing the float model's
-    tensors: memory holds the float model once plus one quantized model at a time.
+    Returns ``{"model", "reference", "rows", "verdict", "data", "windows", "window_length",
+    "calibration", "bos", "keep_dtype"}``. ``rows`` (the reference first, then by size, largest
+    first) have ``scheme``, ``bits_per_weight`` (decoder linears), ``weight_bytes`` (every
+    weight), ``perplexity``, ``kl_divergence``, ``top1_agreement``, their standard errors across
+    windows, ``quantization_seconds`` and ``tokens_per_second``. ``verdict``
+    (``lowbit.eval.verdict``): per quality budget (default ``QUALITY_BUDGETS``: KL 0.02
+    near-lossless, 0.1 good) the smallest scheme meeting it, and what to try next.
+
+    Each scheme is quantized as :func:`quantize` would (``keep_dtype`` likewise), on a copy
+    sharing the float model's tensors: memory holds the float model once plus one quantized
+    model at a time; the reference is kept compactly (``lowbit.eval.quality``). The text is
+    read and checked before any model is loaded.
     """
     plans = [resolve_scheme(s) for s in schemes]  # refuse a bad scheme before any heavy work
-    base, tokenizer = _model_and_tokenizer(model)
-    if getattr(base, "lowbit_manifest", None) is not None:
-        raise LowbitError("compare needs an unquantized model to quantize and to measure against")
-    token_windows_ = evaluation_windows(tokenizer, data, windows, window_length)
-    calibration_ids = _calibration_for(plans, tokenizer, calibration, 128, window_length)
-    reference = reference_log_probs(base, token_windows_, batch_size, progress)
-    reference_row = {"scheme": f"reference ({_describe(base)['dtype']})", **_describe(base)}
-    reference_row.update(evaluate_windows(base, token_windows_, reference, batch_size, progress))
-    reference_row["quantization_seconds"] = None
-    rows = [reference_row]
-    for plan in plans:
-        candidate = _sharing_copy(base)
-        start = time.perf_counter()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # a calibration note per scheme would only repeat
-            quantize_model(candidate, plan, calibration=calibration_ids, device=device, progress=progress)
-        seconds = time.perf_counter() - start
-        row = {"scheme": plan.name, **_describe(candidate), "quantization_seconds": seconds}
-        row.update(evaluate_windows(candidate, token_windows_, reference, batch_size, progress))
-        rows.append(row)
-        del candidate
+    measurement = _Measurement(
+        model, plans, data=data, windows=windows, window_length=window_length, calibration=calibration,
+        batch_size=batch_size, bos=bos, keep_dtype=keep_dtype, device=device, progress=progress,
+    )  # fmt: skip
+    rows = []
+    for index, plan in enumerate(plans, 1):
+        _progress_line(index, len(plans), plan.name, progress)
+        rows.append(measurement.measure(plan))
+    rows.sort(key=lambda row: -row["weight_bytes"])
     return {
-        "model": getattr(base, "lowbit_source", type(base).__name__),
-        "data": str(data or "built-in sample"),
-        "windows": int(token_windows_.shape[0]),
-        "window_length": int(token_windows_.shape[1]),
-        "calibration": None if calibration_ids is None else str(calibration or "built-in calibration text"),
-        "bos": False,
-        "rows": rows,
+        **measurement.summary(),
+        "rows": [measurement.reference_row, *rows],
+        "verdict": verdict(rows, budgets),
+    }
+
+
+def _quantize_command(model: ModelLike, rung: Rung, calibration, window_length: int, keep_dtype) -> str:
+    """The ``lowbit quantize`` command that makes ``rung`` as :func:`recipe` measured it."""
+    source = "MODEL" if isinstance(model, nn.Module) else str(model)
+    command = f"lowbit quantize {source} {rung.options()}"
+    if rung.calibrated:
+        if calibration is not None:
+            command += f" --calibration {calibration}"
+        if window_length != DEFAULT_WINDOW_LENGTH:
+            command += f" --calibration-length {window_length}"
+    if keep_dtype is not None:
+        command += f" --keep-dtype {keep_dtype}"
+    return command + " -o OUT"
+
+
+def recipe(
+    model: ModelLike = DEFAULT_MODEL,
+    *,
+    max_kl: float = QUALITY_BUDGETS["good"],
+    data: str | os.PathLike | None = None,
+    windows: int | None = None,
+    window_length: int = DEFAULT_WINDOW_LENGTH,
+    calibration: str | os.PathLike | None = None,
+    batch_size: int = 1,
+    bos: bool | None = None,
+    keep_dtype: str | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> dict:
+    """The no-fuss recipe as one call: walk the ladder on your text, stop at the first rung
+    that meets ``max_kl``, and say how to make it.
+
+    The ladder (``lowbit.eval.verdict.ladder``): ``int8`` first; when even it misses the
+    budget, the walk stops with no answer (nothing smaller will do better). Then
+    ``int4-g128``, ``int4-g128+clip`` and ``int4-g128`` with every other calibrated method
+    lowbit has (``lowbit.method_names()``), stopping at the first that meets the budget;
+    when none does, the answer is ``int8``. A rung meets the budget when its KL plus two
+    standard errors across windows is below ``max_kl``.
+
+    Returns the measurement's description (as :func:`compare`), ``max_kl``, ``rows`` (the
+    reference, then each rung measured, in order), ``answer`` (the rung's label or None),
+    ``command`` (the ``lowbit quantize`` command that reproduces it, or None) and ``advice``.
+    """
+    if not isinstance(max_kl, (int, float)) or isinstance(max_kl, bool) or not max_kl > 0:
+        raise LowbitError(f"the KL budget must be a positive number, got {max_kl!r}")
+    rungs = ladder()
+    plans = [resolve_scheme(rung.scheme, rung.method) for rung in rungs]
+    measurement = _Measurement(
+        model, plans, data=data, windows=windows, window_length=window_length, calibration=calibration,
+        batch_size=batch_size, bos=bos, keep_dtype=keep_dtype, device=device, progress=progress,
+    )  # fmt: skip
+    rows, answer = [], None
+    for index, (rung, plan) in enumerate(zip(rungs, plans), 1):
+        _progress_line(index, len(rungs), rung.label, progress)
+        row = measurement.measure(plan)
+        rows.append(row)
+        if meets(row, max_kl):
+            answer = rung
+            if index > 1:
+                break  # the first 4-bit rung that meets the budget
+        elif index == 1:
+            break  # even 8 bits misses it
+    if answer is None:
+        advice = f"even {rungs[0].label} misses KL {max_kl:g}: keep 16-bit weights (bf16), or try a bigger model at lower bits"
+    elif answer is rungs[0]:
+        advice = f"no 4-bit rung meets KL {max_kl:g}: {answer.label} is the smallest that does; a bigger model at 4 bits may beat this one at 8"
+    else:
+        advice = f"{answer.label} meets KL {max_kl:g}"
+    return {
+        **measurement.summary(),
+        "max_kl": max_kl,
+        "rows": [measurement.reference_row, *rows],
+        "answer": None if answer is None else answer.label,
+        "command": None if answer is None else _quantize_command(model, answer, calibration, window_length, keep_dtype),
+        "advice": advice,
     }
 
 
@@ -359,6 +642,33 @@ def inspect(path: str | os.PathLike) -> dict:
     return inspect_checkpoint(path)
 
 
+def _size_config(spec: str | os.PathLike | dict) -> str | os.PathLike | dict:
+    """What the sizing advisor reads for ``spec``: a config dict, a ``config.json`` or a
+    directory holding one as they are; for a GGUF file (or the default model) the config its
+    dequantized cache holds, else the one transformers reads from the file's metadata; for a
+    hub id the config transformers fetches."""
+    if isinstance(spec, dict):
+        return spec
+    path = Path(spec).expanduser()
+    if (path.is_file() and path.suffix.lower() == ".json") or (path / "config.json").is_file():
+        return spec
+    source = resolve_model(spec)
+    from transformers import AutoConfig
+
+    if source.gguf_file:
+        from lowbit.gguf_cache import entry_directory
+
+        gguf_path = Path(source.path) / source.gguf_file
+        cached = entry_directory(gguf_path) / "config.json"
+        config = read_raw_config(cached) if cached.is_file() else AutoConfig.from_pretrained(source.path, gguf_file=source.gguf_file).to_dict()
+        config.pop("dtype", None)  # the dequantized copy's float32 says nothing about the model
+        return {**config, "_name_or_path": source.gguf_file}
+    try:
+        return {**AutoConfig.from_pretrained(source.path).to_dict(), "_name_or_path": source.path}
+    except (OSError, ValueError) as error:
+        raise LowbitError(f"could not read the config of {source.path!r} ({str(error).splitlines()[0]})") from None
+
+
 def size(
     config_or_path: str | os.PathLike | dict,
     *,
@@ -366,8 +676,10 @@ def size(
     batch: int = 1,
     gpu_memory: str | int | None = None,
 ) -> dict:
-    """Memory of the weights in every format, the KV cache, and whether it fits (config alone)."""
+    """Memory of the weights in every format, the KV cache, and whether it fits, from the
+    config alone: a config dict, a ``config.json``, a model directory, a GGUF file, a hub id or
+    ``smollm2-135m`` (no weight is read)."""
     from lowbit.advisor.sizing import parse_memory, size_report
 
     memory = parse_memory(gpu_memory) if isinstance(gpu_memory, str) else gpu_memory
-    return size_report(config_or_path, context=context, batch=batch, gpu_memory=memory)
+    return size_report(_size_config(config_or_path), context=context, batch=batch, gpu_memory=memory)

@@ -52,6 +52,7 @@ def cmd_quantize(args) -> None:
 
     summary = lowbit.export(
         args.model, args.output, to="native", scheme=args.scheme, method=args.method, device=args.device, overwrite=args.overwrite,
+        keep_dtype=args.keep_dtype,
         **_calibration_options(args),
     )  # fmt: skip
     _print_export(summary)
@@ -62,7 +63,7 @@ def cmd_export(args) -> None:
 
     summary = lowbit.export(
         args.model, args.output, to=args.to, scheme=args.scheme, method=args.method, device=args.device,
-        overwrite=args.overwrite,
+        overwrite=args.overwrite, keep_dtype=args.keep_dtype,
         **_calibration_options(args),
     )  # fmt: skip
     _print_export(summary)
@@ -70,30 +71,80 @@ def cmd_export(args) -> None:
 
 def cmd_eval(args) -> None:
     import lowbit
-    from lowbit.report import COMPARISON_COLUMNS, format_table
+    from lowbit.report import COMPARISON_COLUMNS, format_notes, format_table
 
     result = lowbit.evaluate(
         args.model, reference=args.reference, data=args.data, windows=args.windows,
-        window_length=args.window_length, batch_size=args.batch_size, device=args.device,
+        window_length=args.window_length, batch_size=args.batch_size, bos=args.bos, device=args.device,
     )  # fmt: skip
     result["scheme"] = Path(args.model).name
-    print(format_table([result], [c for c in COMPARISON_COLUMNS if c[1] != "quantization_seconds"]))
-    print(f"({result['windows']} windows of {result['window_length']} tokens from {result['data']}, no BOS)")
+    columns = [c for c in COMPARISON_COLUMNS if c[1] != "quantization_seconds"]
+    print(format_table([result], columns))
+    bos = "with BOS" if result["bos"] else "no BOS"
+    print(f"({result['windows']} windows of {result['window_length']} tokens from {result['data']}, {bos}; bos: {str(result['bos']).lower()})")
+    if result["reference"]:
+        print(f"reference: {result['reference']}")
+    print(format_notes(columns, result["windows"]))
     _write_json(args.json, result)
+
+
+def _schemes(text: str | None) -> list[str] | tuple[str, ...]:
+    import lowbit
+
+    return [s.strip() for s in text.split(",") if s.strip()] if text else lowbit.DEFAULT_SCHEMES
+
+
+def _budgets(args) -> dict[str, float] | None:
+    import lowbit
+
+    if args.max_kl is None:
+        return None
+    return {**lowbit.QUALITY_BUDGETS, "yours": args.max_kl}
 
 
 def cmd_compare(args) -> None:
     import lowbit
-    from lowbit.report import format_table
+    from lowbit.report import (
+        COMPARISON_COLUMNS,
+        format_measurement,
+        format_notes,
+        format_table,
+        format_verdict,
+    )
 
-    schemes = [s.strip() for s in args.schemes.split(",") if s.strip()] if args.schemes else lowbit.DEFAULT_SCHEMES
     result = lowbit.compare(
-        args.model, schemes, data=args.data, windows=args.windows, window_length=args.window_length,
-        calibration=args.calibration, batch_size=args.batch_size, device=args.device,
+        args.model, _schemes(args.schemes), data=args.data, windows=args.windows, window_length=args.window_length,
+        calibration=args.calibration, batch_size=args.batch_size, bos=args.bos, keep_dtype=args.keep_dtype,
+        budgets=_budgets(args), device=args.device,
     )  # fmt: skip
-    print(f"\n{result['model']}: {result['windows']} windows of {result['window_length']} tokens from {result['data']}")
+    print(f"\n{format_measurement(result)}; bos: {str(result['bos']).lower()}")
     print(format_table(result["rows"]))
-    print("bits/weight: decoder linears, scales and zeros included; size: all weights (embeddings kept)")
+    print(format_notes(COMPARISON_COLUMNS, result["windows"]))
+    print()
+    print(format_verdict(result))
+    _write_json(args.json, result)
+
+
+def cmd_recipe(args) -> None:
+    import lowbit
+    from lowbit.report import (
+        COMPARISON_COLUMNS,
+        format_measurement,
+        format_notes,
+        format_table,
+    )
+
+    result = lowbit.recipe(
+        args.model, max_kl=args.max_kl, data=args.data, windows=args.windows, window_length=args.window_length,
+        calibration=args.calibration, batch_size=args.batch_size, bos=args.bos, keep_dtype=args.keep_dtype,
+        device=args.device,
+    )  # fmt: skip
+    print(f"\n{format_measurement(result)}; bos: {str(result['bos']).lower()}")
+    print(format_table(result["rows"]))
+    print(format_notes(COMPARISON_COLUMNS, result["windows"]))
+    print(f"\nbudget: KL < {result['max_kl']:g} (KL plus 2 standard errors): {result['advice']}")
+    if result["command"]:
+        print(f"make it: {result['command']}")
     _write_json(args.json, result)
 
 
@@ -121,7 +172,7 @@ def cmd_inspect(args) -> None:
     if args.tensors:
         print()
         for t in report["tensors"]:
-            print(f"{t['name']:<56}{t['format']:<14}{str(t['shape']):<18}{t['bytes']:>12,}")
+            print(f"{t['name']:<56}{t['format']:<14}{t['shape']!s:<18}{t['bytes']:>12,}")
     _write_json(args.json, report)
 
 
@@ -138,6 +189,17 @@ def _add_eval_options(parser: argparse.ArgumentParser, windows_help: str) -> Non
     parser.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (default 1)")
     parser.add_argument("--json", help="also write the results to this JSON file")
     parser.add_argument("--device", help="where to run the models: cpu, cuda, cuda:N (default: cpu)")
+    parser.add_argument(
+        "--bos", action=argparse.BooleanOptionalAction, default=None,
+        help="start every window with the BOS token (default: when the model's tokenizer adds one, as Llama's and Gemma's do)",
+    )  # fmt: skip
+
+
+def _add_keep_dtype(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--keep-dtype", choices=["fp32", "bf16", "fp16"],
+        help="dtype of the tensors left unquantized (embeddings, norms, lm_head); default the source's 16-bit dtype (bf16 for a GGUF)",
+    )  # fmt: skip
 
 
 def _add_quantize_options(parser: argparse.ArgumentParser, scheme_default: str | None = "int4-g128") -> None:
@@ -158,6 +220,7 @@ def _add_quantize_options(parser: argparse.ArgumentParser, scheme_default: str |
     parser.add_argument("--calibration-samples", type=int, default=128, help="calibration windows drawn from the text (default 128)")
     parser.add_argument("--calibration-length", type=int, default=512, help="tokens per calibration window (default 512)")
     parser.add_argument("--device", help="where each layer is quantized: cpu, cuda, cuda:N (default: cuda if available, else cpu)")
+    _add_keep_dtype(parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -185,15 +248,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_options(p, "number of windows (default: as many as the text holds, at most 40)")
     p.set_defaults(run=cmd_eval)
 
-    p = sub.add_parser("compare", help="quantize to several schemes and print the comparison table")
+    p = sub.add_parser("compare", help="quantize to several schemes, print the comparison table and a verdict")
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=model_help + f" (default {DEFAULT_MODEL})")
     p.add_argument("--schemes", help=f"comma-separated schemes (default {','.join(DEFAULT_SCHEMES)})")
     p.add_argument("--calibration", help="calibration text file for +clip schemes (default: built-in text)")
+    p.add_argument("--max-kl", type=float, help="your own quality budget, beside near-lossless (KL 0.02) and good (0.1)")
+    _add_keep_dtype(p)
     _add_eval_options(p, "number of windows (default: as many as the text holds, at most 40)")
     p.set_defaults(run=cmd_compare)
 
-    p = sub.add_parser("size", help="memory needed in every format, from config.json alone")
-    p.add_argument("model", help="a config.json file or a directory holding one")
+    p = sub.add_parser("recipe", help="walk int8 -> int4 -> calibrated int4 on your text; stop at the first within a KL budget")
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=model_help + f" (default {DEFAULT_MODEL})")
+    p.add_argument("--max-kl", type=float, default=0.1, help="the quality budget: largest KL divergence from the unquantized model (default 0.1, good; 0.02 is near-lossless)")
+    p.add_argument("--calibration", help="calibration text for the calibrated rungs (default: built-in text)")
+    _add_keep_dtype(p)
+    _add_eval_options(p, "number of windows (default: as many as the text holds, at most 40)")
+    p.set_defaults(run=cmd_recipe)
+
+    p = sub.add_parser("size", help="memory needed in every format, from the config alone (no weight is read)")
+    p.add_argument("model", help=model_help + ", a lowbit checkpoint, or a config.json file")
     p.add_argument("--context", type=int, default=4096, help="tokens of context for the KV cache (default 4096)")
     p.add_argument("--batch", type=int, default=1, help="sequences at once (default 1)")
     p.add_argument("--gpu-memory", help="memory to fit in, e.g. 24GB or 80GiB")

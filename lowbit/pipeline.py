@@ -254,6 +254,7 @@ def quantize_model(
     progress: bool = True,
     source: str | None = None,
     allow_nonfinite: bool = False,
+    keep_dtype: torch.dtype | None = None,
 ) -> nn.Module:
     """Quantize ``model``'s linears in place, layer by layer, as ``plan`` says; return the model.
 
@@ -263,6 +264,8 @@ def quantize_model(
     (``model.lowbit_weights``) has each layer's weights read from disk just before its turn.
     Every weight is checked before it is quantized: NaN or inf is an error naming the tensor,
     unless ``allow_nonfinite``, which replaces them with zeros (and warns).
+    ``keep_dtype``: when given, the tensors that stay unquantized (embeddings, norms, kept
+    linears, biases) are cast to it at the end (``cast_kept_tensors``); None leaves them as they are.
     """
     start = time.perf_counter()
     device = resolve_device(device)
@@ -311,6 +314,8 @@ def quantize_model(
             model.get_submodule(name).to(home)
     if "lm_head" in done and getattr(model.config, "tie_word_embeddings", False):
         model.config.tie_word_embeddings = False  # the embedding keeps its dense weight
+    if keep_dtype is not None:
+        cast_kept_tensors(model, keep_dtype)
 
     model.lowbit_manifest = {
         "quant_method": "lowbit",
@@ -322,3 +327,24 @@ def quantize_model(
         "quantization_seconds": round(time.perf_counter() - start, 3),
     }
     return model
+
+
+def cast_kept_tensors(model: nn.Module, dtype: torch.dtype) -> None:
+    """Cast every floating parameter and persistent buffer that is not a quantized part to
+    ``dtype``, in place (ties kept: a shared Parameter is cast once), and record it as the
+    config's dtype. Non-persistent buffers (rotary tables) keep theirs, as a fresh load makes them."""
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            tensors = [(module._parameters, "bias")] if module.bias is not None else []
+        else:
+            tensors = [(module._parameters, name) for name in module._parameters]
+            tensors += [(module._buffers, name) for name in module._buffers if name not in module._non_persistent_buffers_set]
+        for store, name in tensors:
+            value = store[name]
+            if value is None or not value.is_floating_point() or value.dtype == dtype:
+                continue
+            if isinstance(value, nn.Parameter):
+                value.data = value.data.to(dtype)
+            else:
+                store[name] = value.to(dtype)
+    model.config.dtype = dtype

@@ -324,3 +324,126 @@ def test_evaluate_on_a_device(native_dir, eval_text_file, monkeypatch):
     monkeypatch.setattr(api, "load_model", lambda *a, **k: pytest.fail("loaded a model for a device that does not exist"))
     with pytest.raises(lowbit.LowbitError, match="unknown device 'tpu'"):
         lowbit.evaluate("anything", device="tpu")
+
+
+# -- uncertainty, BOS, text checked first ---------------------------------------------------------
+
+
+def test_standard_errors_across_windows(models):
+    """Each number's standard error is that of the windows' own means, computed by hand."""
+    reference, quantized = models
+    windows = tiny_tokens(5, 20)
+    result = evaluate_windows(quantized, windows, reference, batch_size=2, progress=False)
+    per_window = [reference_metrics(quantized, windows[i : i + 1], reference) for i in range(5)]
+
+    def mean_se(values):
+        values = torch.tensor(values, dtype=torch.float64)
+        return values.mean().item(), (values.std() / math.sqrt(len(values))).item()
+
+    log_ppl, log_ppl_se = mean_se([math.log(m["perplexity"]) for m in per_window])
+    _, kl_se = mean_se([m["kl_divergence"] for m in per_window])
+    top1, top1_se = mean_se([m["top1_agreement"] for m in per_window])
+    assert math.log(result["perplexity"]) == pytest.approx(log_ppl, rel=1e-6)
+    assert result["log_perplexity_se"] == pytest.approx(log_ppl_se, rel=1e-4)
+    assert result["kl_divergence_se"] == pytest.approx(kl_se, rel=1e-3, abs=1e-8)
+    assert result["top1_agreement"] == pytest.approx(top1, abs=1e-12)
+    assert result["top1_agreement_se"] == pytest.approx(top1_se, abs=1e-12)
+    assert kl_se > 0 and top1_se > 0
+    one = evaluate_windows(quantized, windows[:1], reference, progress=False)
+    assert one["kl_divergence_se"] is None and one["log_perplexity_se"] is None  # no spread from one window
+    cached = evaluate_windows(quantized, windows, reference_log_probs(reference, windows, 2, False), 2, False)
+    assert cached["kl_divergence_se"] == pytest.approx(result["kl_divergence_se"], rel=1e-4)
+
+
+@pytest.fixture(scope="module")
+def bos_tokenizer():
+    """The byte tokenizer, but one that puts id 1 (BOS) first, as Llama's and Gemma's do."""
+    from conftest import make_byte_tokenizer
+    from tokenizers.processors import TemplateProcessing
+
+    tokenizer = make_byte_tokenizer()
+    bos = tokenizer.convert_ids_to_tokens(1)
+    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, 1)])
+    tokenizer.bos_token = bos
+    assert tokenizer("ab")["input_ids"][0] == 1
+    return tokenizer
+
+
+def test_expects_bos(bos_tokenizer, byte_tokenizer):
+    from lowbit.api import expects_bos
+
+    assert expects_bos(bos_tokenizer) is True
+    assert expects_bos(byte_tokenizer) is False  # no BOS token at all
+
+
+def test_windows_start_with_bos_when_the_tokenizer_adds_one(bos_tokenizer, byte_tokenizer, eval_text_file):
+    from lowbit.api import evaluation_windows
+
+    text = torch.tensor(byte_tokenizer(eval_text_file.read_text(), add_special_tokens=False)["input_ids"])
+    with_bos = evaluation_windows(bos_tokenizer, eval_text_file, 3, 16)
+    assert with_bos.shape == (3, 16)
+    assert (with_bos[:, 0] == 1).all()
+    assert torch.equal(with_bos[:, 1:], text[: 3 * 15].reshape(3, 15))  # 15 tokens of text after BOS
+    without = evaluation_windows(bos_tokenizer, eval_text_file, 3, 16, bos=False)
+    assert torch.equal(without, text[: 3 * 16].reshape(3, 16))
+    assert torch.equal(evaluation_windows(byte_tokenizer, eval_text_file, 3, 16), without)
+    with pytest.raises(lowbit.LowbitError, match="no BOS token"):
+        evaluation_windows(byte_tokenizer, eval_text_file, 3, 16, bos=True)
+
+
+def test_evaluate_follows_the_tokenizer_and_says_so(tiny_model_dir, eval_text_file, bos_tokenizer, tmp_path):
+    import shutil
+
+    directory = tmp_path / "with-bos"
+    shutil.copytree(tiny_model_dir, directory)
+    bos_tokenizer.save_pretrained(directory)
+    result = lowbit.evaluate(directory, data=eval_text_file, windows=2, window_length=16, progress=False)
+    assert result["bos"] is True
+    windows = torch.cat([torch.ones(2, 1, dtype=torch.long), torch.tensor(
+        bos_tokenizer(eval_text_file.read_text(), add_special_tokens=False)["input_ids"][:30]).reshape(2, 15)], dim=1)
+    expected = reference_metrics(lowbit.load(directory), windows, None)
+    assert result["perplexity"] == pytest.approx(expected["perplexity"], rel=1e-5)
+    overridden = lowbit.evaluate(directory, data=eval_text_file, windows=2, window_length=16, bos=False, progress=False)
+    assert overridden["bos"] is False and overridden["perplexity"] != result["perplexity"]
+
+
+def test_text_is_checked_before_any_model_is_loaded(tiny_model_dir, tmp_path, monkeypatch):
+    from lowbit import api
+
+    (tmp_path / "short.txt").write_text("too short")
+    monkeypatch.setattr(api, "load_model", lambda *a, **k: pytest.fail("loaded a model for a text too short"))
+    for call in (
+        lambda: lowbit.evaluate(tiny_model_dir, data=tmp_path / "short.txt", window_length=32, progress=False),
+        lambda: lowbit.compare(tiny_model_dir, ["int8"], data=tmp_path / "short.txt", window_length=32, progress=False),
+        lambda: lowbit.recipe(tiny_model_dir, data=tmp_path / "short.txt", window_length=32, progress=False),
+    ):
+        with pytest.raises(lowbit.LowbitError, match="has 9 tokens, shorter than one window of 32"):
+            call()
+
+
+def test_smollm2_gets_no_bos():
+    """The dev protocol's numbers for SmolLM2 are measured without BOS: its tokenizer adds none."""
+    from lowbit.api import _tokenizer_first, expects_bos
+
+    try:
+        tokenizer = _tokenizer_first("smollm2-135m")
+    except lowbit.LowbitError as error:
+        pytest.skip(str(error))
+    assert tokenizer.bos_token_id is not None and expects_bos(tokenizer) is False
+
+
+def test_compare_sorts_explains_and_answers(tiny_model_dir, eval_text_file, capsys):
+    result = lowbit.compare(
+        tiny_model_dir, ["int4-g32", "int8", "int3-g128"], data=eval_text_file, windows=4, window_length=16
+    )
+    err = capsys.readouterr().err
+    assert "[1/3] int4-g32" in err and "[3/3] int3-g128" in err  # progress across schemes
+    sizes = [row["weight_bytes"] for row in result["rows"]]
+    assert sizes == sorted(sizes, reverse=True) and result["rows"][0]["scheme"] == "reference (float32)"
+    assert result["reference"] == f"{tiny_model_dir} (float32)" and result["bos"] is False
+    rows = {row["scheme"]: row for row in result["rows"][1:]}
+    assert all(row["kl_divergence_se"] > 0 for row in rows.values())
+    from lowbit.eval.verdict import verdict
+
+    assert result["verdict"] == verdict(list(rows.values()))
+    assert set(result["verdict"]["budgets"]) == {"near-lossless", "good"}

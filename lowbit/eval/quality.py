@@ -1,12 +1,19 @@
 """Perplexity, KL divergence and top-1 agreement over fixed token windows.
 
-Each window is evaluated on its own (no state carried between windows, no BOS added), so a
+Each window is evaluated on its own (no state carried between windows; a window starts
+with BOS only when the caller put it there, see ``lowbit.api.evaluation_windows``), so a
 number depends only on the windows and the model. Perplexity is ``exp`` of the mean
 next-token negative log-likelihood over every prediction of every window. KL divergence is
 ``KL(reference || model)`` of the next-token distributions, and top-1 agreement the share
 of positions where both models rank the same token first; both are averaged over every
 position of every window. All of it is computed in float32 (sums in float64) whatever the
 model's dtype.
+
+**Uncertainty.** Every window holds as many positions as the others, so each number is the
+mean of the windows' own means, and its standard error across windows
+(``std(window means) / sqrt(windows)``, ``None`` for one window) says how much it would move
+on other text of the same kind: ``log_perplexity_se`` for the log of the perplexity (the
+perplexity's relative error), ``kl_divergence_se`` and ``top1_agreement_se``.
 
 **A compact reference.** Comparing many models against one reference keeps what the KL
 needs of the reference instead of its distributions (``windows x length x vocab`` floats:
@@ -42,6 +49,7 @@ rest held up to 47 % of the probability at some positions), and by 6 % with 1,02
 
 from __future__ import annotations
 
+import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -165,13 +173,22 @@ def _expected_row(p: torch.Tensor, weight: torch.Tensor, chunk: int = 8192) -> t
     return total.float()
 
 
-def _kl_from_summary(reference: ReferenceBatch, hidden: torch.Tensor, log_partition: torch.Tensor) -> float:
-    """The sum over positions of KL(p || q), for a model whose logits are ``w . hidden + b``
-    with the reference's ``w`` and ``b`` and whose log-sum-exp is ``log_partition``."""
+def _kl_from_summary(reference: ReferenceBatch, hidden: torch.Tensor, log_partition: torch.Tensor) -> torch.Tensor:
+    """Per window, the sum over its positions of KL(p || q), for a model whose logits are
+    ``w . hidden + b`` with the reference's ``w`` and ``b`` and whose log-sum-exp is ``log_partition``."""
     cross = (reference.expected_row.double() * hidden.double()).sum(-1)  # sum_v p_v (w_v . h + b_v)
     if reference.expected_bias is not None:
         cross = cross + reference.expected_bias
-    return (reference.neg_entropy - cross + log_partition).sum().item()
+    return (reference.neg_entropy - cross + log_partition).sum(-1)
+
+
+def mean_and_standard_error(values: list[float]) -> tuple[float, float | None]:
+    """The mean of ``values`` and its standard error (sample standard deviation over
+    ``sqrt(n)``); the error is None for fewer than two values."""
+    data = torch.tensor(values, dtype=torch.float64)
+    if data.numel() < 2:
+        return data.mean().item(), None
+    return data.mean().item(), (data.std(correction=1) / data.numel() ** 0.5).item()
 
 
 @torch.no_grad()
@@ -188,8 +205,7 @@ def evaluate_windows(
         raise ValueError("the cached reference was computed on other windows or batches")
     reference_model = reference.model if summary else reference
     use_summary = summary and model is not reference_model and reference.shares_head(model)
-    nll_sum = kl_sum = agree = 0.0
-    predictions = positions = 0
+    nll, kl, agree = [], [], []  # per window: means over its positions
     forward_seconds = 0.0
     batches = windows.split(batch_size)
     for index, batch in enumerate(tqdm(batches, desc="evaluating", unit="batch", disable=not progress)):
@@ -198,23 +214,29 @@ def evaluate_windows(
         log_probs = torch.log_softmax(logits.float(), dim=-1).cpu()
         forward_seconds += time.perf_counter() - start
         targets = batch[:, 1:].unsqueeze(-1)
-        nll_sum -= log_probs[:, :-1].gather(-1, targets).sum().item()
-        predictions += targets.numel()
+        nll += (-log_probs[:, :-1].gather(-1, targets).squeeze(-1).double().mean(-1)).tolist()
         if reference is None:
             continue
         if use_summary and hidden is not None:
             ref = reference.batches[index]
-            kl_sum += _kl_from_summary(ref, hidden.cpu(), logits.double().logsumexp(-1).cpu())
-            agree += (ref.top1 == log_probs.argmax(-1)).sum().item()
+            kl_window = _kl_from_summary(ref, hidden.cpu(), logits.double().logsumexp(-1).cpu())
+            agree_window = (ref.top1 == log_probs.argmax(-1)).sum(-1)
         else:
             ref_log_probs = log_probs if reference_model is model else _log_probs(reference_model, batch)
-            kl_sum += (ref_log_probs.exp() * (ref_log_probs - log_probs)).sum().item()
-            agree += (ref_log_probs.argmax(-1) == log_probs.argmax(-1)).sum().item()
-        positions += batch.numel()
+            kl_window = (ref_log_probs.exp() * (ref_log_probs - log_probs)).sum(-1).double().sum(-1)
+            agree_window = (ref_log_probs.argmax(-1) == log_probs.argmax(-1)).sum(-1)
+        kl += (kl_window / batch.shape[1]).tolist()
+        agree += (agree_window.double() / batch.shape[1]).tolist()
+    log_perplexity, log_perplexity_se = mean_and_standard_error(nll)
+    kl_divergence, kl_divergence_se = mean_and_standard_error(kl) if kl else (None, None)
+    top1, top1_se = mean_and_standard_error(agree) if agree else (None, None)
     return {
-        "perplexity": float(torch.tensor(nll_sum / predictions).exp()),
-        "kl_divergence": kl_sum / positions if positions else None,
-        "top1_agreement": agree / positions if positions else None,
+        "perplexity": math.exp(log_perplexity),
+        "log_perplexity_se": log_perplexity_se,
+        "kl_divergence": kl_divergence,
+        "kl_divergence_se": kl_divergence_se,
+        "top1_agreement": top1,
+        "top1_agreement_se": top1_se,
         "tokens_per_second": windows.numel() / forward_seconds,
         "windows": int(windows.shape[0]),
         "window_length": int(windows.shape[1]),
