@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 class Block(Protocol):
     """One decoder layer as an algorithm sees it (the pipeline implements this)."""
 
+    #: the decoder layer's index; -1 for linears outside the decoder layers (``lm_head`` …)
     index: int
     device: torch.device
     #: hidden states entering the layer for each calibration batch, or None without calibration
@@ -87,6 +88,23 @@ class AlgorithmConfig:
 
     def fail(self, problem: str) -> None:
         raise LowbitError(f"algorithm {self.method!r}: {problem}")
+
+    # checks for __post_init__, with the same wording for every algorithm
+    def require_flag(self, *names: str) -> None:
+        for name in names:
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                self.fail(f"{name} must be true or false, got {value!r}")
+
+    def require_whole(self, name: str, minimum: int = 1) -> None:
+        value = getattr(self, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            self.fail(f"{name} must be a whole number of at least {minimum}, got {value!r}")
+
+    def require_fraction(self, name: str, meaning: str = "") -> None:
+        value = getattr(self, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+            self.fail(f"{name} must be a number in (0, 1]{meaning}, got {value!r}")
 
 
 Handler = Callable[[AlgorithmConfig, Block, "dict[str, Format]"], "dict[str, QTensor]"]

@@ -83,21 +83,11 @@ class GPTQConfig(AlgorithmConfig):
     clip_min: float = 0.5
 
     def __post_init__(self) -> None:
-        damp = self.damp
-        if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not 0 < damp <= 1:
-            self.fail(f"damp must be a number in (0, 1] (a fraction of the mean Hessian diagonal), got {damp!r}")
-        size = self.block_size
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            self.fail(f"block_size must be a whole number of at least 1, got {size!r}")
-        for flag in ("act_order", "static_groups", "clip_search"):
-            if not isinstance(getattr(self, flag), bool):
-                self.fail(f"{flag} must be true or false, got {getattr(self, flag)!r}")
-        grid = self.clip_grid
-        if isinstance(grid, bool) or not isinstance(grid, int) or grid < 1:
-            self.fail(f"clip_grid must be a whole number of at least 1, got {grid!r}")
-        low = self.clip_min
-        if isinstance(low, bool) or not isinstance(low, (int, float)) or not 0 < low <= 1:
-            self.fail(f"clip_min must be a number in (0, 1], got {low!r}")
+        self.require_fraction("damp", " (a fraction of the mean Hessian diagonal)")
+        self.require_whole("block_size")
+        self.require_flag("act_order", "static_groups", "clip_search")
+        self.require_whole("clip_grid")
+        self.require_fraction("clip_min")
 
     @property
     def fixed_groups(self) -> bool:

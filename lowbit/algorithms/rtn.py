@@ -41,14 +41,9 @@ class RTNConfig(AlgorithmConfig):
     clip_min: float = 0.5
 
     def __post_init__(self) -> None:
-        if not isinstance(self.clip_search, bool):
-            self.fail(f"clip_search must be true or false, got {self.clip_search!r}")
-        grid = self.clip_grid
-        if isinstance(grid, bool) or not isinstance(grid, int) or grid < 1:
-            self.fail(f"clip_grid must be a whole number of at least 1, got {grid!r}")
-        low = self.clip_min
-        if isinstance(low, bool) or not isinstance(low, (int, float)) or not 0 < low <= 1:
-            self.fail(f"clip_min must be a number in (0, 1], got {low!r}")
+        self.require_flag("clip_search")
+        self.require_whole("clip_grid")
+        self.require_fraction("clip_min")
 
     def statistics(self) -> frozenset[str]:
         return frozenset({INPUT_MEAN_SQUARE}) if self.clip_search else frozenset()
