@@ -7,7 +7,7 @@
 """
 
 from lowbit.version import __version__
-from lowbit.algorithms import RTNConfig, method_names
+from lowbit.algorithms import GPTQConfig, RTNConfig, method_names
 from lowbit.api import (
     DEFAULT_SCHEME,
     QUALITY_BUDGETS,
