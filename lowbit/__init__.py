@@ -31,7 +31,7 @@ from lowbit.qtensor import QTensor
 from lowbit.sources import DEFAULT_MODEL
 
 __all__ = [
-    "DEFAULT_MODEL", "DEFAULT_SCHEME", "DEFAULT_SCHEMES", "PRESETS", "QUALITY_BUDGETS", "LowbitError", "Plan", "QTensor", "RTNConfig",
+    "DEFAULT_MODEL", "DEFAULT_SCHEME", "DEFAULT_SCHEMES", "GPTQConfig", "PRESETS", "QUALITY_BUDGETS", "LowbitError", "Plan", "QTensor", "RTNConfig",
     "__version__", "compare", "method_names", "evaluate", "export", "exporter_names", "generate", "get_format", "inspect", "load",
     "quantize", "recipe", "save", "size",
 ]  # fmt: skip
