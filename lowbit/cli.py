@@ -1,27 +1,57 @@
 """The ``lowbit`` command: parse arguments, call one API function, print the result.
 
-Errors that are the user's to fix (a missing file, an unknown scheme …) are printed as one
-``error:`` line and exit with status 2; warnings as ``warning:`` lines.
+Errors that are the user's to fix (a missing file, an unknown scheme, a corrupt file, a full
+disk …) are printed as one ``error:`` line and exit with status 2; warnings as ``warning:``
+lines. Anything else is a bug: one ``error:`` line says so and where to report it, exit
+status 70; ``--debug`` adds the traceback. SIGTERM ends a run as Ctrl-C does (outputs being
+written are removed); a closed pipe (``lowbit size … | head``) ends it quietly.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
+import tempfile
+import traceback
 import warnings
 from pathlib import Path
 
 from lowbit.errors import LowbitError
 
 
+#: where bugs are reported
+ISSUES = "https://github.com/lowbit/lowbit/issues"
+
+
 def _write_json(path: str | None, data: dict) -> None:
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         temporary = Path(f"{path}.partial")
-        temporary.write_text(json.dumps(data, indent=2, default=str) + "\n")
-        temporary.replace(path)
+        try:
+            temporary.write_text(json.dumps(data, indent=2, default=str) + "\n")
+            temporary.replace(path)
+        finally:
+            temporary.unlink(missing_ok=True)
         print(f"wrote {path}")
+
+
+def _check_report_path(path: str | None) -> None:
+    """Refuse a ``--json`` path that cannot be written, before any work (not after it)."""
+    if not path:
+        return
+    target = Path(path).expanduser().absolute()
+    if target.is_dir():
+        raise LowbitError(f"cannot write {path}: it is a directory; give a file name")
+    ancestor = next(p for p in target.parents if p.exists())
+    if not ancestor.is_dir():
+        raise LowbitError(f"cannot write {path}: {ancestor} is a file, not a directory")
+    try:  # a real probe: permissions, read-only filesystems and root's exemptions all count
+        tempfile.TemporaryFile(dir=ancestor).close()
+    except OSError as error:
+        raise LowbitError(f"cannot write {path}: {ancestor} is not writable ({error.strerror})") from None
 
 
 def _mb(value: int) -> str:
@@ -52,7 +82,7 @@ def cmd_quantize(args) -> None:
 
     summary = lowbit.export(
         args.model, args.output, to="native", scheme=args.scheme, method=args.method, device=args.device, overwrite=args.overwrite,
-        keep_dtype=args.keep_dtype,
+        keep_dtype=args.keep_dtype, allow_nonfinite=args.allow_nonfinite,
         **_calibration_options(args),
     )  # fmt: skip
     _print_export(summary)
@@ -63,7 +93,7 @@ def cmd_export(args) -> None:
 
     summary = lowbit.export(
         args.model, args.output, to=args.to, scheme=args.scheme, method=args.method, device=args.device,
-        overwrite=args.overwrite, keep_dtype=args.keep_dtype,
+        overwrite=args.overwrite, keep_dtype=args.keep_dtype, allow_nonfinite=args.allow_nonfinite,
         **_calibration_options(args),
     )  # fmt: skip
     _print_export(summary)
@@ -221,6 +251,10 @@ def _add_quantize_options(parser: argparse.ArgumentParser, scheme_default: str |
     parser.add_argument("--calibration-length", type=int, default=512, help="tokens per calibration window (default 512)")
     parser.add_argument("--device", help="where each layer is quantized: cpu, cuda, cuda:N (default: cuda if available, else cpu)")
     _add_keep_dtype(parser)
+    parser.add_argument(
+        "--allow-nonfinite", action="store_true",
+        help="replace NaN and infinite source weights with zeros (and say so) instead of refusing the model",
+    )  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -292,19 +326,75 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     print(f"warning: {message}", file=sys.stderr)
 
 
+class _Terminated(BaseException):
+    """SIGTERM, raised where the program is, so that what is being written is cleaned up."""
+
+
+def _terminate(signum, frame) -> None:
+    raise _Terminated
+
+
+def _silence_stdout() -> None:
+    """After a closed pipe: send what is left to /dev/null, so that exiting does not complain."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass  # stdout is not a file (captured)
+
+
+def _os_error(error: OSError) -> str:
+    where = f": {error.filename}" if error.filename else ""
+    return f"{error.strerror or error}{where}"
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one command; the single place where every failure becomes one ``error:`` line."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [arg for arg in argv if arg != "--debug"]
+    parser = build_parser()
+    parser.add_argument("--debug", action="store_true", help="on an unexpected error (a bug), print the full traceback")
+    args = parser.parse_args(argv)
+    on_sigterm = signal.signal(signal.SIGTERM, _terminate) if _in_main_thread() else None
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning
+            _check_report_path(getattr(args, "json", None))
             args.run(args)
-    except LowbitError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted; nothing was written", file=sys.stderr)
-        return 130
+            sys.stdout.flush()  # a closed pipe shows here, not at exit
+    except BrokenPipeError:
+        _silence_stdout()
+        return 0
+    except (LowbitError, OSError, KeyboardInterrupt, _Terminated, Exception) as error:
+        if debug:
+            traceback.print_exc()
+        if isinstance(error, LowbitError):
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        if isinstance(error, OSError):  # the environment's: a full disk, a permission, a vanished file
+            print(f"error: {_os_error(error)}", file=sys.stderr)
+            return 2
+        if isinstance(error, (KeyboardInterrupt, _Terminated)):
+            print(f"{'interrupted' if isinstance(error, KeyboardInterrupt) else 'terminated'}; nothing was written", file=sys.stderr)
+            return 130 if isinstance(error, KeyboardInterrupt) else 143
+        hint = "" if debug else " (run it again with --debug for the traceback)"
+        print(
+            f"error: internal error in lowbit {__import__('lowbit').__version__}, a bug: {type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else ''}; please report it at {ISSUES} with the command you ran{hint}",
+            file=sys.stderr,
+        )
+        return 70
+    finally:
+        if on_sigterm is not None:
+            signal.signal(signal.SIGTERM, on_sigterm)
     return 0
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
 
 
 if __name__ == "__main__":

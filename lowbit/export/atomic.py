@@ -23,6 +23,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -55,8 +56,10 @@ def _check_parent(path: Path, needed_bytes: int | None) -> None:
     ancestor = _existing_ancestor(path.parent)
     if not ancestor.is_dir():
         raise LowbitError(f"cannot write {path}: {ancestor} is a file, not a directory")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise LowbitError(f"cannot write {path}: {ancestor} is not writable; choose another output")
+    try:  # a real probe: permissions, read-only filesystems and root's exemptions all count
+        tempfile.TemporaryFile(dir=ancestor).close()
+    except OSError as error:
+        raise LowbitError(f"cannot write {path}: {ancestor} is not writable ({error.strerror}); choose another output") from None
     if needed_bytes is not None:
         free = shutil.disk_usage(ancestor).free
         if needed_bytes + SPACE_MARGIN_BYTES > free:
@@ -206,8 +209,6 @@ def check_file_output(path: str | os.PathLike) -> Path:
     path = _resolved(path)
     if path.is_dir():
         raise LowbitError(f"cannot write {path}: it is a directory; give a file name")
-    if path.exists() and not os.access(path, os.W_OK):
-        raise LowbitError(f"cannot write {path}: it is not writable")
     _check_parent(path, None)
     return path
 
