@@ -22,15 +22,27 @@ from lowbit.formats import Format, format_from_spec, get_format
 def empty_model(config, dtype: torch.dtype | None = None) -> nn.Module:
     """The model's modules with parameters on the meta device and real buffers (rotary tables …).
 
-    ``dtype`` defaults to the config's own; nothing is initialised, nothing is allocated but
-    the (small) buffers.
+    ``dtype`` defaults to the config's own. Nothing is allocated for the parameters, not even
+    for a moment (a config claiming 70B parameters costs nothing), and nothing is
+    initialised: the modules are built on the meta device, then each buffer is made real
+    and computed by the model's own ``_init_weights``, as transformers' ``from_pretrained``
+    does for the buffers a checkpoint does not hold.
     """
-    from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    with init_empty_weights(include_buffers=False), warnings.catch_warnings():
+    with torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return AutoModelForCausalLM.from_config(config, dtype=dtype or config.dtype)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype or config.dtype)
+    owners = {}
+    for name, buffer in model.named_buffers():
+        if buffer.is_meta:
+            module_name, _, attribute = name.rpartition(".")
+            owner = model.get_submodule(module_name)
+            owner._buffers[attribute] = torch.empty_like(buffer, device="cpu")
+            owners[module_name] = owner
+    for owner in owners.values():
+        model._init_weights(owner)
+    return model
 
 
 def tensor_groups(model: nn.Module) -> list[tuple[str, ...]]:
