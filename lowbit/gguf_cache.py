@@ -13,7 +13,7 @@ default SmolLM2-135M on 2 cores). lowbit does that once per file and keeps the r
 time, so an edited or replaced file gets a new entry. Before an entry is used, its
 ``lowbit-gguf.json`` is checked against the file again; an entry that does not match (or a
 half-written one: entries are written under a temporary name and renamed into place) is
-rebuilt. Later loads read the directory like any other, lazily when asked. Delete the
+rebuilt; a temporary entry left by a killed run is removed by the next write. Later loads read the directory like any other, lazily when asked. Delete the
 directory to reclaim the space; nothing else refers to it.
 """
 
@@ -23,12 +23,13 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Callable
 
 from torch import nn
+
+from lowbit.export.atomic import recover_leftovers
 
 RECORD_FILE = "lowbit-gguf.json"
 
@@ -63,7 +64,10 @@ def _is_valid(directory: Path, record: dict) -> bool:
 def _write(directory: Path, model: nn.Module, tokenizer, record: dict) -> None:
     """Write the entry under a temporary name beside ``directory``, then rename it into place."""
     directory.parent.mkdir(parents=True, exist_ok=True)
-    temporary = Path(tempfile.mkdtemp(prefix=f".{directory.name}.partial-", dir=directory.parent))
+    recover_leftovers(directory)  # what a killed run left: .NAME.partial-PID
+    temporary = directory.parent / f".{directory.name}.partial-{os.getpid()}"
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
