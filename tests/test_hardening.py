@@ -273,6 +273,17 @@ def test_missing_tensor_is_never_random(work, capsys, tiny_model_dir):
     assert_refused(["quantize", "model", "-o", "out"], capsys, work, match="missing: model.layers.1.mlp.up_proj.weight")
 
 
+def test_bin_checkpoint_missing_a_weight_is_refused(work, capsys, tiny_model_dir):
+    """.bin checkpoints load eagerly through transformers: a weight it reports missing is refused, not random."""
+    model = work / "bin"
+    model.mkdir()
+    shutil.copy(tiny_model_dir / "config.json", model)
+    state = load_file(tiny_model_dir / "model.safetensors")
+    del state["model.layers.0.mlp.down_proj.weight"]
+    torch.save(state, model / "pytorch_model.bin")
+    assert_refused(["quantize", "bin", "-o", "out"], capsys, work, match="lacks weights its config needs: model.layers.0.mlp.down_proj.weight")
+
+
 def test_f32_header_changed_to_i32(work, capsys, tiny_model_dir):
     model = copy_dir(tiny_model_dir, work)
     edit_header(model / "model.safetensors", lambda h: h["model.norm.weight"].update(dtype="I32"))
