@@ -412,3 +412,12 @@ def test_parse_memory(text, expected):
 def test_parse_memory_rejects(text):
     with pytest.raises(LowbitError, match="GiB"):
         parse_memory(text)
+
+
+def test_a_context_beyond_the_model_maximum_is_noted():
+    config = json.loads((LLAMA3_8B / "config.json").read_text())
+    longest = config["max_position_embeddings"]
+    within = size_report(config, context=longest)
+    beyond = size_report(config, context=longest + 1)
+    assert not any("beyond this model's maximum" in note for note in within["notes"])
+    assert any(f"{longest + 1:,} tokens is beyond this model's maximum of {longest:,}" in note for note in beyond["notes"])

@@ -133,6 +133,13 @@ def _notes(raw: dict[str, Any], config: dict[str, Any], shapes: list[ParameterSh
     model_type = config.get("model_type")
     if model_type not in KNOWN_ARCHITECTURES:
         notes.append(f"model_type {model_type!r} is not in lowbit's architecture table; the Llama layout was assumed.")
+    longest = config.get("max_position_embeddings")
+    if isinstance(longest, int) and not isinstance(longest, bool) and context > longest:
+        notes.append(
+            f"a context of {context:,} tokens is beyond this model's maximum of {longest:,} "
+            "(max_position_embeddings): the KV cache and activations are sized as asked, but the model "
+            "was not trained for it."
+        )
     notes += _sliding_window_notes(config, context)
     notes += _gguf_row_notes(shapes)
     quantization = raw.get("quantization_config")
