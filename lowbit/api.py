@@ -30,7 +30,7 @@ from lowbit.inspection import inspect_checkpoint
 from lowbit.nn import dense_cache
 from lowbit.eval import bits_per_weight, evaluate_windows, reference_log_probs, weight_bytes
 from lowbit.eval.verdict import QUALITY_BUDGETS, Rung, ladder, meets, verdict
-from lowbit.pipeline import plan_uses_statistics, quantize_model
+from lowbit.pipeline import return_freed_memory, plan_uses_statistics, quantize_model
 from lowbit.plan import Plan, resolve_scheme
 from lowbit.sources import (
     DEFAULT_MODEL,
@@ -449,6 +449,8 @@ class _Measurement:
         seconds = time.perf_counter() - start
         row = {"scheme": plan.name, **_describe(candidate), "quantization_seconds": seconds}
         row.update(evaluate_windows(candidate, self.windows, self.reference, self.batch_size, self.progress))
+        del candidate
+        return_freed_memory()  # the next scheme starts from the float model alone
         return row
 
     def summary(self) -> dict:
