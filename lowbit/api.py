@@ -124,7 +124,7 @@ def kept_dtype(model: nn.Module, keep_dtype: torch.dtype | None = None) -> torch
     """
     if keep_dtype is not None:
         return keep_dtype
-    declared = getattr(model.config, "dtype", None)
+    declared = getattr(getattr(model, "config", None), "dtype", None)
     declared = getattr(torch, declared) if isinstance(declared, str) and hasattr(torch, declared) else declared
     if declared in (torch.bfloat16, torch.float16):
         return declared
