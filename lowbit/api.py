@@ -115,6 +115,11 @@ def _parse_keep_dtype(keep_dtype: str | torch.dtype | None) -> torch.dtype | Non
     raise LowbitError(f"keep dtype must be one of fp32, bf16, fp16, got {keep_dtype!r}")
 
 
+def _check_batch_size(batch_size: int) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise LowbitError(f"the batch size must be a whole number of at least 1, got {batch_size!r}")
+
+
 def kept_dtype(model: nn.Module, keep_dtype: torch.dtype | None = None) -> torch.dtype | None:
     """The dtype the unquantized tensors of ``model`` are stored in once it is quantized.
 
@@ -374,6 +379,7 @@ def evaluate(
     ``device``: where the models run (moved there); by default where they are (the CPU for a
     model loaded from a path).
     """
+    _check_batch_size(batch_size)
     target = None if device is None else resolve_device(device)  # refuse a missing device before loading
     tokenizer = _tokenizer_first(model, tokenizer)
     use_bos = expects_bos(tokenizer) if bos is None else bos
@@ -418,6 +424,7 @@ class _Measurement:
 
     def __init__(self, model, plans, *, data, windows, window_length, calibration, batch_size, bos, keep_dtype, device, progress):
         keep = _parse_keep_dtype(keep_dtype)
+        _check_batch_size(batch_size)
         if not isinstance(model, nn.Module) and resolve_model(model).kind == "native":
             raise LowbitError("compare needs an unquantized model to quantize and to measure against")
         tokenizer = _tokenizer_first(model)

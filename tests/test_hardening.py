@@ -566,9 +566,11 @@ def test_bad_arguments(work, capsys, tiny_model_dir, native_dir, eval_text_file,
     assert_refused([a.format(**names) for a in argv], capsys, work, match=match)
 
 
-@pytest.mark.xfail(strict=True, reason="api.evaluate does not check batch_size yet (lead's file)")
-def test_batch_size_zero(work, capsys, native_dir, eval_text_file):
-    assert_refused(["eval", native_dir, "--data", eval_text_file, "--window-length", "16", "--batch-size", "0"], capsys, work)
+@pytest.mark.parametrize("command", ["eval", "compare"])
+def test_batch_size_zero(work, capsys, native_dir, tiny_model_dir, eval_text_file, command):
+    model = native_dir if command == "eval" else tiny_model_dir
+    argv = [command, model, "--data", eval_text_file, "--window-length", "16", "--batch-size", "0"]
+    assert_refused(argv, capsys, work, match="batch size")
 
 
 @pytest.mark.parametrize(
