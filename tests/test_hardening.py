@@ -13,7 +13,6 @@ import signal
 import struct
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -438,7 +437,7 @@ def test_overwrite_never_replaces_a_directory_lowbit_did_not_write(work, capsys,
 
 
 def test_overwrite_never_replaces_the_input(work, capsys, native_dir):
-    model = copy_dir(native_dir, work)
+    copy_dir(native_dir, work)  # as work/model
     assert_refused(["export", "model", "-o", "model", "--overwrite"], capsys, work, match="model being read")
     assert_refused(["export", "model", "-o", ".", "--overwrite"], capsys, work)
 

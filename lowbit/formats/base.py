@@ -130,6 +130,21 @@ def refuse_importance(importance: torch.Tensor | None, format_name: str) -> None
         raise ValueError(f"{format_name} chooses its scales from the weight alone; it does not take importance")
 
 
+def check_choice(weight: torch.Tensor, format_name: str, importance: torch.Tensor | None) -> None:
+    """What every ``choose_params`` checks first: a finite 2-D float weight, and no importance
+    for a format that chooses its scales from the weight alone."""
+    check_matrix(weight, format_name)
+    check_finite(weight, format_name)
+    refuse_importance(importance, format_name)
+
+
+def clipped_absmax(weight: torch.Tensor, groups: ScaleGroups, clip: torch.Tensor | None) -> torch.Tensor:
+    """``max|w|`` of each scale group (shaped ``groups.shape``), times its clip factor when given."""
+    absmax = groups.split(weight.float()).abs().amax(-1)
+    ratio = clip_factors(clip, groups, absmax.device)
+    return absmax if ratio is None else absmax * ratio
+
+
 def clip_factors(clip: torch.Tensor | None, groups: ScaleGroups, device: torch.device) -> torch.Tensor | None:
     """``clip`` as float32 on ``device``, after checking it has one factor per scale group."""
     if clip is None:

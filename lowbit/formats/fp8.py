@@ -20,10 +20,9 @@ import torch
 from lowbit.formats.base import (
     Format,
     ScaleGroups,
-    check_finite,
+    check_choice,
     check_matrix,
-    clip_factors,
-    refuse_importance,
+    clipped_absmax,
     safe_divisor,
 )
 
@@ -63,14 +62,9 @@ class FP8Format(Format):
     def choose_params(
         self, weight: torch.Tensor, *, clip: torch.Tensor | None = None, importance: torch.Tensor | None = None
     ) -> FP8Params:
-        check_matrix(weight, self.name)
-        check_finite(weight, self.name)
-        refuse_importance(importance, self.name)
+        check_choice(weight, self.name, importance)
         groups = self.groups((weight.shape[0], weight.shape[1]))
-        absmax = groups.split(weight.float()).abs().amax(-1)
-        ratio = clip_factors(clip, groups, absmax.device)
-        if ratio is not None:
-            absmax = absmax * ratio
+        absmax = clipped_absmax(weight, groups, clip)
         return FP8Params(absmax / torch.finfo(self.dtype).max)
 
     def encode(self, weight: torch.Tensor, params: FP8Params, columns: slice | None = None) -> torch.Tensor:

@@ -32,11 +32,10 @@ import torch
 from lowbit.formats.base import (
     Format,
     ScaleGroups,
-    check_finite,
+    check_choice,
     check_matrix,
     clip_factors,
     column_range,
-    refuse_importance,
     round_to_float16,
     safe_divisor,
 )
@@ -100,9 +99,7 @@ class IntegerFormat(Format):
     def choose_params(
         self, weight: torch.Tensor, *, clip: torch.Tensor | None = None, importance: torch.Tensor | None = None
     ) -> IntegerParams:
-        check_matrix(weight, self.name)
-        check_finite(weight, self.name)
-        refuse_importance(importance, self.name)
+        check_choice(weight, self.name, importance)
         groups = self.groups((weight.shape[0], weight.shape[1]))
         grouped = groups.split(weight.float())
         ratio = clip_factors(clip, groups, grouped.device)

@@ -41,11 +41,10 @@ import torch
 from lowbit.formats.base import (
     Format,
     ScaleGroups,
-    check_finite,
+    check_choice,
     check_matrix,
-    clip_factors,
+    clipped_absmax,
     column_range,
-    refuse_importance,
 )
 from lowbit.formats.packing import pack, packed_bytes, unpack
 
@@ -139,14 +138,9 @@ class NF4Format(Format):
     def choose_params(
         self, weight: torch.Tensor, *, clip: torch.Tensor | None = None, importance: torch.Tensor | None = None
     ) -> NF4Params:
-        check_matrix(weight, self.name)
-        check_finite(weight, self.name)
-        refuse_importance(importance, self.name)
+        check_choice(weight, self.name, importance)
         groups = self.groups((weight.shape[0], weight.shape[1]))
-        absmax = groups.split(weight.float()).abs().amax(-1)
-        ratio = clip_factors(clip, groups, absmax.device)
-        if ratio is not None:
-            absmax = absmax * ratio
+        absmax = clipped_absmax(weight, groups, clip)
         if not self.double_quant:
             return NF4Params(absmax, absmax, None)
         scale_parts = self._quantize_scales(absmax)
