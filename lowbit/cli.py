@@ -14,7 +14,6 @@ import json
 import os
 import signal
 import sys
-import tempfile
 import traceback
 import warnings
 from pathlib import Path
@@ -28,30 +27,18 @@ ISSUES = "https://github.com/lowbit/lowbit/issues"
 
 def _write_json(path: str | None, data: dict) -> None:
     if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        temporary = Path(f"{path}.partial")
-        try:
-            temporary.write_text(json.dumps(data, indent=2, default=str) + "\n")
-            temporary.replace(path)
-        finally:
-            temporary.unlink(missing_ok=True)
+        from lowbit.report import write_report
+
+        write_report(path, json.dumps(data, indent=2, default=str) + "\n")
         print(f"wrote {path}")
 
 
 def _check_report_path(path: str | None) -> None:
     """Refuse a ``--json`` path that cannot be written, before any work (not after it)."""
-    if not path:
-        return
-    target = Path(path).expanduser().absolute()
-    if target.is_dir():
-        raise LowbitError(f"cannot write {path}: it is a directory; give a file name")
-    ancestor = next(p for p in target.parents if p.exists())
-    if not ancestor.is_dir():
-        raise LowbitError(f"cannot write {path}: {ancestor} is a file, not a directory")
-    try:  # a real probe: permissions, read-only filesystems and root's exemptions all count
-        tempfile.TemporaryFile(dir=ancestor).close()
-    except OSError as error:
-        raise LowbitError(f"cannot write {path}: {ancestor} is not writable ({error.strerror})") from None
+    if path:
+        from lowbit.report import check_report_path
+
+        check_report_path(path)
 
 
 def _mb(value: int) -> str:
