@@ -215,7 +215,7 @@ def _add_eval_options(parser: argparse.ArgumentParser, windows_help: str) -> Non
 def _add_keep_dtype(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--keep-dtype", choices=["fp32", "bf16", "fp16"],
-        help="dtype of the tensors left unquantized (embeddings, norms, lm_head); default the source's 16-bit dtype (bf16 for a GGUF)",
+        help="dtype of the tensors left unquantized (embeddings, norms, lm_head); default the 16-bit dtype the source's config declares, else as loaded (float32 for a GGUF)",
     )  # fmt: skip
 
 

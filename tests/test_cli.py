@@ -413,17 +413,18 @@ def test_size_of_the_default_model_and_its_gguf(cli):
     assert lowbit.size("smollm2-135m")["parameters"] == 134_515_008  # 49152 x 576 tied + 30 layers + norm
 
 
-def test_kept_tensors_take_the_source_16_bit_dtype(tiny_model_dir, tmp_path):
-    """A GGUF source (declaring no dtype) keeps embeddings and norms in bf16 unless fp32 is asked;
-    the quantized parts are the same bytes either way, and the saved model loads back exactly."""
+def test_kept_tensors_take_the_asked_or_declared_16_bit_dtype(tiny_model_dir, tmp_path):
+    """Asked for bf16, embeddings and norms are kept in bf16; a GGUF source (declaring no dtype)
+    otherwise stays float32 as loaded; a config declaring bf16 keeps bf16. The quantized parts
+    are the same bytes either way, and the saved model loads back exactly."""
     from tiny_models import tiny_model, tiny_tokens
 
     quantized = {}
-    for keep in (None, "fp32"):
+    for keep in ("bf16", None):
         model = tiny_model("llama")
         model.lowbit_source = "/models/tiny.gguf"
         quantized[keep] = lowbit.quantize(model, "int4-g32", keep_dtype=keep, progress=False)
-    bf16, fp32 = quantized[None], quantized["fp32"]
+    bf16, fp32 = quantized["bf16"], quantized[None]
     assert bf16.get_input_embeddings().weight.dtype == torch.bfloat16 and bf16.model.norm.weight.dtype == torch.bfloat16
     assert bf16.lm_head.weight is bf16.get_input_embeddings().weight  # still tied
     assert fp32.get_input_embeddings().weight.dtype == torch.float32
@@ -438,8 +439,9 @@ def test_kept_tensors_take_the_source_16_bit_dtype(tiny_model_dir, tmp_path):
     tokens = tiny_tokens()
     with torch.no_grad():
         assert torch.equal(lowbit.load(out)(tokens).logits, bf16(tokens).logits)
-    plain = lowbit.quantize(tiny_model("llama"), "int4-g32", progress=False)  # a float32 source stays float32
-    assert plain.get_input_embeddings().weight.dtype == torch.float32
+    declared = tiny_model("llama")
+    declared.config.dtype = torch.bfloat16  # as a bf16 checkpoint loaded in float32 declares
+    assert lowbit.quantize(declared, "int4-g32", progress=False).get_input_embeddings().weight.dtype == torch.bfloat16
     with pytest.raises(lowbit.LowbitError, match="keep dtype must be one of"):
         lowbit.quantize(tiny_model("llama"), "int8", keep_dtype="int8")
 
