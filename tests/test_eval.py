@@ -124,6 +124,31 @@ def test_cached_reference_gives_the_same_numbers(models, batch_size):
     assert cached["kl_divergence"] == pytest.approx(reference_metrics(quantized, windows, reference)["kl_divergence"], rel=2e-5)
 
 
+def test_cached_reference_with_an_output_bias(monkeypatch):
+    """An lm_head with a bias: the summary carries sum_v p_v b_v, and still gives the KL."""
+    reference = tiny_model("llama", tie_word_embeddings=False)
+    reference.lm_head = nn.Linear(96, 256, bias=True)
+    with torch.no_grad():
+        reference.lm_head.weight.normal_(0, 0.05)
+        reference.lm_head.bias.normal_(0, 0.5)
+    quantized = lowbit.quantize(copy.deepcopy(reference), "int4-g32", progress=False)
+    windows = tiny_tokens(3, 12, seed=6)
+    cache = reference_log_probs(reference, windows, 1, progress=False)
+    p = log_softmax_by_hand(reference(windows).logits)
+    bias = torch.cat([b.expected_bias for b in cache.batches])
+    assert torch.allclose(bias, p.exp() @ reference.lm_head.bias.double(), atol=1e-9)
+    assert cache.nbytes == windows.numel() * (8 + 8 + 8 + 4 * 96)
+    used = []
+    from lowbit.eval import quality
+
+    real = quality._kl_from_summary
+    monkeypatch.setattr(quality, "_kl_from_summary", lambda *a: used.append(1) or real(*a))
+    cached = evaluate_windows(quantized, windows, cache, 1, progress=False)
+    assert used  # the summary held
+    expected = reference_metrics(quantized, windows, reference)["kl_divergence"]
+    assert cached["kl_divergence"] == pytest.approx(expected, rel=2e-5)
+
+
 def test_cached_reference_refuses_other_windows(models):
     reference, quantized = models
     windows = tiny_tokens(4, 12, seed=5)

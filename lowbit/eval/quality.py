@@ -144,33 +144,42 @@ def _log_probs(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
 def reference_log_probs(model: nn.Module, windows: torch.Tensor, batch_size: int = 1, progress: bool = True) -> ReferenceLogProbs:
     """Sum up the reference's distributions on ``windows`` for later comparisons."""
     head = model.get_output_embeddings()
-    weight = head.weight.detach()
-    bias = None if getattr(head, "bias", None) is None else head.bias.detach().double().cpu()
+    bias = None if getattr(head, "bias", None) is None else head.bias.detach()
     batches = []
     for batch in tqdm(windows.split(batch_size), desc="reference", unit="batch", disable=not progress):
-        logits = _forward(model, batch)[0]
-        # float64, so that p sums to 1: with float32 log-probs it is off by ~1e-5 at a
-        # log-sum-exp of ~40, which would shift the KL by ~4e-4
-        log_p = torch.log_softmax(logits.double(), dim=-1).cpu()
+        batches.append(_summarize(_forward(model, batch)[0].cpu(), head.weight.detach(), bias))
+    return ReferenceLogProbs(windows, batches, batch_size, model, head.weight, bias)
+
+
+#: positions, and vocabulary entries, taken at a time: bounds the float64 copies of a
+#: batch's distributions to a few tens of MB
+POSITION_CHUNK = 64
+VOCABULARY_CHUNK = 8192
+
+
+def _log_partition(logits: torch.Tensor) -> torch.Tensor:
+    """The log-sum-exp of the logits in float64 (a few positions at a time)."""
+    return torch.cat([chunk.double().logsumexp(-1) for chunk in logits.split(POSITION_CHUNK, dim=-2)], dim=-1)
+
+
+def _summarize(logits: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> ReferenceBatch:
+    """The summary of the distributions ``softmax(logits)``, all sums in float64 (so that p sums
+    to 1: with float32 log-probabilities it is off by ~1e-5 at a log-sum-exp of ~40, which
+    would shift the KL by ~4e-4), a slice of the vocabulary at a time."""
+    top1 = torch.cat([torch.log_softmax(c.float(), dim=-1).argmax(-1) for c in logits.split(POSITION_CHUNK, dim=-2)], dim=-1)
+    log_partition = _log_partition(logits).unsqueeze(-1)
+    neg_entropy = torch.zeros(logits.shape[:-1], dtype=torch.float64)
+    expected_row = torch.zeros(*logits.shape[:-1], weight.shape[1], dtype=torch.float64)
+    expected_bias = None if bias is None else torch.zeros(logits.shape[:-1], dtype=torch.float64)
+    for start in range(0, logits.shape[-1], VOCABULARY_CHUNK):
+        piece = slice(start, start + VOCABULARY_CHUNK)
+        log_p = logits[..., piece].double() - log_partition
         p = log_p.exp()
-        batches.append(
-            ReferenceBatch(
-                top1=torch.log_softmax(logits.float(), dim=-1).argmax(-1).cpu(),  # as the model's own top-1 is taken
-                neg_entropy=(p * log_p).sum(-1),
-                expected_row=_expected_row(p, weight),
-                expected_bias=None if bias is None else p @ bias,
-            )
-        )
-    return ReferenceLogProbs(windows, batches, batch_size, model, head.weight, None if bias is None else head.bias)
-
-
-def _expected_row(p: torch.Tensor, weight: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
-    """``p @ weight`` in float64 over vocabulary chunks (no float64 copy of the whole
-    weight), stored in float32."""
-    total = torch.zeros(*p.shape[:-1], weight.shape[1], dtype=torch.float64)
-    for start in range(0, weight.shape[0], chunk):
-        total += p[..., start : start + chunk] @ weight[start : start + chunk].double().cpu()
-    return total.float()
+        neg_entropy += (p * log_p).sum(-1)
+        expected_row += p @ weight[piece].double().cpu()
+        if expected_bias is not None:
+            expected_bias += p @ bias[piece].double().cpu()
+    return ReferenceBatch(top1, neg_entropy, expected_row.float(), expected_bias)
 
 
 def _kl_from_summary(reference: ReferenceBatch, hidden: torch.Tensor, log_partition: torch.Tensor) -> torch.Tensor:
@@ -219,11 +228,14 @@ def evaluate_windows(
             continue
         if use_summary and hidden is not None:
             ref = reference.batches[index]
-            kl_window = _kl_from_summary(ref, hidden.cpu(), logits.double().logsumexp(-1).cpu())
+            kl_window = _kl_from_summary(ref, hidden.cpu(), _log_partition(logits).cpu())
             agree_window = (ref.top1 == log_probs.argmax(-1)).sum(-1)
         else:
             ref_log_probs = log_probs if reference_model is model else _log_probs(reference_model, batch)
-            kl_window = (ref_log_probs.exp() * (ref_log_probs - log_probs)).sum(-1).double().sum(-1)
+            kl_window = torch.cat(
+                [(r.exp() * (r - q)).sum(-1) for r, q in zip(ref_log_probs.split(POSITION_CHUNK, -2), log_probs.split(POSITION_CHUNK, -2))],
+                dim=-1,
+            ).double().sum(-1)  # a few positions at a time: no vocabulary-sized temporaries per window
             agree_window = (ref_log_probs.argmax(-1) == log_probs.argmax(-1)).sum(-1)
         kl += (kl_window / batch.shape[1]).tolist()
         agree += (agree_window.double() / batch.shape[1]).tolist()
