@@ -9,16 +9,15 @@ writes the fake-quantized (dequantized) linear weights to a safetensors file.
     python peer_llmcompressor_gptq_worker.py MODEL_DIR CALIBRATION.safetensors OUT.safetensors BITS GROUP_SIZE
 """
 
-import json
 import sys
 import time
 
 import torch
-from compressed_tensors.quantization.lifecycle.forward import fake_quantize
 from datasets import Dataset
 from llmcompressor import oneshot
 from llmcompressor.modifiers.gptq import GPTQModifier
-from safetensors.torch import load_file, save_file
+from peer_llmcompressor_worker import write_fake_quantized  # same folder: the script's own
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 
@@ -40,15 +39,7 @@ def main() -> None:
         shuffle_calibration_samples=False,
     )
     seconds = time.perf_counter() - start
-    tensors = {}
-    with torch.no_grad():
-        for name, module in model.named_modules():
-            scheme = getattr(module, "quantization_scheme", None)
-            if isinstance(module, torch.nn.Linear) and scheme is not None and hasattr(module, "weight_scale"):
-                zero = getattr(module, "weight_zero_point", None)
-                tensors[f"{name}.weight"] = fake_quantize(module.weight, module.weight_scale, zero, scheme.weights).contiguous()
-    save_file(tensors, out)
-    print(json.dumps({"seconds": seconds, "modules": len(tensors)}))
+    write_fake_quantized(model, out, seconds)
 
 
 if __name__ == "__main__":

@@ -21,15 +21,8 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
 
-def main() -> None:
-    model_dir, out, bits, group_size, symmetric = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "1"
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    weights = {"num_bits": bits, "type": "int", "symmetric": symmetric}
-    weights.update({"strategy": "group", "group_size": group_size} if group_size else {"strategy": "channel"})
-    recipe = QuantizationModifier(config_groups={"g": {"targets": ["Linear"], "weights": weights}}, ignore=["lm_head"])
-    start = time.perf_counter()
-    oneshot(model=model, recipe=recipe)
-    seconds = time.perf_counter() - start
+def write_fake_quantized(model, out: str, seconds: float) -> None:
+    """Write the dequantized weights of every linear llm-compressor quantized, and report."""
     tensors = {}
     with torch.no_grad():
         for name, module in model.named_modules():
@@ -39,6 +32,18 @@ def main() -> None:
                 tensors[f"{name}.weight"] = fake_quantize(module.weight, module.weight_scale, zero, scheme.weights).contiguous()
     save_file(tensors, out)
     print(json.dumps({"seconds": seconds, "modules": len(tensors)}))
+
+
+def main() -> None:
+    model_dir, out, bits, group_size, symmetric = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "1"
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    weights = {"num_bits": bits, "type": "int", "symmetric": symmetric}
+    weights.update({"strategy": "group", "group_size": group_size} if group_size else {"strategy": "channel"})
+    recipe = QuantizationModifier(config_groups={"g": {"targets": ["Linear"], "weights": weights}}, ignore=["lm_head"])
+    start = time.perf_counter()
+    oneshot(model=model, recipe=recipe)
+    seconds = time.perf_counter() - start
+    write_fake_quantized(model, out, seconds)
 
 
 if __name__ == "__main__":
