@@ -143,6 +143,19 @@ def test_weight_bytes_of_tiny_model_count_its_real_modules():
     assert weight_bytes(config, "int4-g128") == int4_bytes_of_real_model(config)
 
 
+@pytest.mark.parametrize("scheme", ["int8", "int4-g128", "nf4-dq", "int3-g64"])
+def test_size_reports_the_bits_per_weight_that_eval_measures(scheme):
+    """One meaning of bits/weight: ``size`` (from the config) and eval (on the quantized model) agree."""
+    import lowbit
+    from lowbit.eval import bits_per_weight
+
+    config = dict(TINY, model_type="llama", hidden_size=96, intermediate_size=200)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**config))
+    measured = bits_per_weight(lowbit.quantize(model, scheme))
+    assert size_report(config, formats=[scheme])["bits_per_weight"][scheme] == pytest.approx(measured, abs=1e-4)
+
+
 def test_gqa_shapes_and_explicit_head_dim():
     shapes = {p.name: p.shape for p in parameter_shapes(dict(TINY, head_dim=32))}
     assert shapes["model.layers.0.self_attn.q_proj.weight"] == (4 * 32, 64)
@@ -313,7 +326,7 @@ def test_alternating_sliding_layers():
 def test_size_report_keys_and_fit():
     report = size_report(LLAMA3_8B, context=4096, batch=1, gpu_memory="24GB")
     assert set(report) == {
-        "model", "parameters", "context", "batch", "weights", "bits_per_weight", "kv_cache_bytes",
+        "model", "parameters", "context", "batch", "weights", "bits_per_weight", "bits_per_parameter", "kv_cache_bytes",
         "activation_bytes", "overhead_bytes", "total_bytes", "gpu_memory_bytes", "fits", "assumptions", "notes",
     }  # fmt: skip
     json.dumps(report)
@@ -322,7 +335,9 @@ def test_size_report_keys_and_fit():
     for name in ("fp32", "bf16", "fp16", "fp8", "int8", "int4-g128", "int4-g32", "nf4", "nf4-dq", "int3-g128",
                  "int2-g64", "mxfp4", "gguf:Q4_K_M", "gguf:Q8_0", "gguf:Q2_K"):  # fmt: skip
         assert name in report["weights"]
-    assert report["bits_per_weight"]["bf16"] == 16
+    assert report["bits_per_weight"]["bf16"] == report["bits_per_parameter"]["bf16"] == 16
+    assert report["bits_per_weight"]["int4-g128"] == pytest.approx(4 + 20 / 128, abs=1e-4)  # fp16 scale, 4-bit zero per 128
+    assert report["bits_per_parameter"]["int4-g128"] > report["bits_per_weight"]["int4-g128"]  # 16-bit embeddings
     assert report["kv_cache_bytes"] == GiB // 2
     for name, weights in report["weights"].items():
         total = weights + report["kv_cache_bytes"] + report["activation_bytes"] + report["overhead_bytes"]

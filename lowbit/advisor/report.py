@@ -25,7 +25,7 @@ from lowbit.advisor.memory import (
     parse_memory,
 )
 from lowbit.advisor.shapes import ParameterShape, parameter_shapes, sizing_config
-from lowbit.advisor.weights import canonical_format_name, weight_bytes_of_shapes
+from lowbit.advisor.weights import canonical_format_name, linear_bits_per_weight, weight_bytes_of_shapes
 from lowbit.arch import KNOWN_ARCHITECTURES
 from lowbit.config import ConfigSource, read_raw_config
 from lowbit.formats.gguf_types import TENSOR_TYPE_FALLBACK
@@ -78,7 +78,9 @@ def size_report(
     """Memory the model needs in each format, from its config alone; JSON-serializable.
 
     Keys: ``model`` (name, architecture, model_type), ``parameters``, ``context``, ``batch``,
-    ``weights`` and ``bits_per_weight`` (per format, bits averaged over every parameter),
+    ``weights``, ``bits_per_weight`` (per format, stored bits per weight of the decoder's linear
+    layers, scales included: what compare and eval report) and ``bits_per_parameter`` (the
+    weights' bytes averaged over every parameter, embeddings included),
     ``kv_cache_bytes``, ``activation_bytes``, ``overhead_bytes``, ``total_bytes`` (per format:
     weights + KV cache + activations + overhead), with ``gpu_memory`` also ``gpu_memory_bytes``
     and ``fits`` (per format), then ``assumptions`` (how everything is counted) and ``notes``
@@ -99,7 +101,8 @@ def size_report(
         "context": context,
         "batch": batch,
         "weights": weights,
-        "bits_per_weight": {name: round(8 * size / parameters, 4) for name, size in weights.items()},
+        "bits_per_weight": {name: round(linear_bits_per_weight(config, shapes, name), 4) for name in names},
+        "bits_per_parameter": {name: round(8 * size / parameters, 4) for name, size in weights.items()},
         "kv_cache_bytes": kv_cache,
         "activation_bytes": activations,
         "overhead_bytes": RUNTIME_OVERHEAD_BYTES,
@@ -205,17 +208,21 @@ def format_report(report: dict[str, Any]) -> str:
     if fits is not None:
         memory = report["gpu_memory_bytes"]
         lines.append(f"GPU memory: {_gb(memory)} GB ({memory / GiB:.2f} GiB)")
-    header = f"{'format':<14} {'bits/weight':>11} {'weights GB':>11} {'weights+KV GB':>14} {'total GB':>9}"
+    header = (
+        f"{'format':<14} {'bits/weight':>11} {'bits/param':>10} {'weights GB':>11} {'weights+KV GB':>14} {'total GB':>9}"
+    )
     header += "  fits" if fits is not None else ""
     lines += ["", header, "-" * len(header)]
     for name, size in report["weights"].items():
         row = (
-            f"{name:<14} {report['bits_per_weight'][name]:>11.2f} {_gb(size):>11} "
+            f"{name:<14} {report['bits_per_weight'][name]:>11.2f} {report['bits_per_parameter'][name]:>10.2f} {_gb(size):>11} "
             + f"{_gb(size + kv_cache):>14} {_gb(report['total_bytes'][name]):>9}"
         )
         lines.append(row + (f"  {'yes' if fits[name] else 'no'}" if fits is not None else ""))
     lines += [
         "",
+        "bits/weight: stored bits per weight of the decoder's linear layers, scales and zeros included (as in "
+        + "compare and eval); bits/param: all weights' bytes over all parameters, embeddings included.",
         "total = weights + KV cache + activations + overhead. GB = 10^9 bytes.",
         "lowbit formats keep embeddings and lm_head in bf16; the JSON report lists every assumption.",
     ]

@@ -53,6 +53,20 @@ def weight_bytes(config_or_path: ConfigSource, format_name: str, *, keep_embeddi
     return weight_bytes_of_shapes(config, parameter_shapes(config), format_name, keep_embeddings)
 
 
+def linear_bits_per_weight(config: dict[str, Any], shapes: list[ParameterShape], format_name: str) -> float:
+    """Stored bits per weight of the decoder's linear layers in ``format_name``, scales and
+    zeros included: the one meaning of "bits/weight" in every lowbit report (compare, eval,
+    quantize and size), whatever the embeddings cost."""
+    linears = [p for p in shapes if p.kind in QUANTIZED_KINDS]
+    if is_gguf_name(format_name):
+        mix, dims = gguf_mix(format_name), Dimensions.of(config)
+        stored = sum(gguf_tensor_bytes(gguf_type_of(p, mix, dims), p.shape) for p in linears)
+    else:
+        weight_format = get_format(format_name)
+        stored = sum(weight_format.storage_bytes(p.shape) for p in linears)
+    return 8 * stored / sum(p.numel for p in linears)
+
+
 def weight_bytes_of_shapes(
     config: dict[str, Any], shapes: list[ParameterShape], format_name: str, keep_embeddings: bool
 ) -> int:
