@@ -99,6 +99,8 @@ BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 LOOKS_SPECIAL = re.compile(r"^(<\|.*\|>|<｜.*｜>|<unused.*>|<pad>|<mask>|<2mass>|\[@BOS@\])$", re.S)
 #: architectures whose sentencepiece tokenizer prepends no space (llama.cpp's converter says so for them)
 NO_SPACE_PREFIX = ("gemma", "gemma2", "gemma3")
+#: special tokens whose ids a GGUF file records
+SPECIAL_TOKEN_KINDS = ("bos", "eos", "unk", "sep", "pad")
 
 
 @dataclass(frozen=True)
@@ -223,10 +225,12 @@ def _from_hf_directory(directory: Path, vocab_size: int | None) -> list[Metadata
         if isinstance(prefix, bool):
             writer.add_add_space_prefix(prefix)
         special = SpecialVocab(directory, load_merges=not model.get("byte_fallback") and bpe, n_vocab=count)
+        for kind in SPECIAL_TOKEN_KINDS:  # what the files did not say, the loaded tokenizer knows
+            index = getattr(tokenizer, f"{kind}_token_id", None)
+            if kind not in special.special_token_ids and isinstance(index, int) and 0 <= index < count:
+                special.special_token_ids[kind] = index
+        special.add_special_token["bos"], special.add_special_token["eos"] = _adds_special_tokens(tokenizer)
         special.add_to_gguf(writer, quiet=True)
-        add_bos, add_eos = _adds_special_tokens(tokenizer)
-        writer.add_add_bos_token(add_bos)
-        writer.add_add_eos_token(add_eos)
 
     return _collect(fill_all)
 
@@ -373,7 +377,7 @@ def _byte_fallback_vocab(tokenizer, model: dict, vocab_size: int | None) -> Call
     rank = {}
     for position, (left, right) in enumerate(merges):
         rank.setdefault(left + right, position)
-    unknown = model.get("unk_token")
+    unknown = model.get("unk_token") or tokenizer.unk_token
     for text, index in vocab.items():
         tokens[index] = text
         if text in rank:
