@@ -16,6 +16,11 @@ just the first, keeps per-layer arguments right for models that alternate attent
 
 Statistics an algorithm asks for are collected by forward hooks, one collector per input
 that linears share (the architecture table's input groups), in float32 on the work device.
+A handler may install a group's quantized linears at once (``LayerBlock.install``), so the
+statistics of the groups after it see them (true sequential within a block), and may fold a
+per-channel scale into the module before a group (``LayerBlock.fold``, ``lowbit.folding``).
+A rule's activation quantizer (``activations: int8-per-token``) is set on each QuantLinear
+as it is installed and named in the manifest.
 """
 
 from __future__ import annotations
@@ -33,11 +38,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lowbit.algorithms import AlgorithmConfig, InputStatistics, handler_for
-from lowbit.arch import base_model, decoder_layers, input_groups_of
+from lowbit.arch import KNOWN_ARCHITECTURES, InputGroup, base_model, decoder_layers, input_groups_of
 from lowbit.device import resolve_device
 from lowbit.errors import LowbitError
+from lowbit.folding import fold_input_scale, fold_problem, foldable_families, norm_offset_of
 from lowbit.formats import Format
+from lowbit.kernels.activation import activation_quantizer
 from lowbit.nn import QuantLinear, dense_weight, is_linear, set_submodule
+from lowbit.qtensor import QTensor
 from lowbit.plan import Plan, Rule
 from lowbit.version import __version__
 
@@ -120,16 +128,35 @@ def capture_layer_inputs(model: nn.Module, layers_path: str, tokens: torch.Tenso
     return Calibration(hidden, calls)
 
 
+def _install(owner: nn.Module, name: str, qtensor: QTensor, activations: str | None) -> None:
+    """Put a QuantLinear of ``qtensor`` (with the linear's bias and ``activations``' quantizer) in
+    place of linear ``name`` of ``owner``."""
+    module = QuantLinear.from_qtensor(qtensor, owner.get_submodule(name).bias)
+    module.input_quantizer = activation_quantizer(activations)
+    set_submodule(owner, name, module)
+
+
 class LayerBlock:
-    """One decoder layer on the work device, as the algorithms see it (``algorithms.Block``)."""
+    """One decoder layer on the work device, as the algorithms see it (``algorithms.Block``).
+
+    ``activations``: the activation quantizer name of each local linear that has one."""
 
     def __init__(
-        self, index: int, layer: nn.Module, device: torch.device, groups: list[tuple[str, ...]], state: Calibration | None
+        self,
+        index: int,
+        layer: nn.Module,
+        device: torch.device,
+        groups: tuple[InputGroup, ...],
+        state: Calibration | None,
+        norm_offset: float = 0.0,
+        activations: dict[str, str] | None = None,
     ) -> None:
         self.index = index
         self.layer = layer
         self.device = device
         self.groups = groups
+        self.norm_offset = norm_offset
+        self.activations = activations or {}
         self._state = state
         self.hidden = state.hidden if state is not None else None
 
@@ -152,10 +179,10 @@ class LayerBlock:
         collectors: dict[str, InputStatistics] = {}
         handles = []
         for group in self.groups:
-            members = [name for name in group if name in wanted]
+            members = [name for name in group.linears if name in wanted]
             if not members:
                 continue
-            first = self.layer.get_submodule(group[0])
+            first = self.layer.get_submodule(group.linears[0])
             statistics = InputStatistics(kinds, first.in_features if hasattr(first, "in_features") else dense_weight(first).shape[1])
             collectors.update(dict.fromkeys(members, statistics))
             handles.append(first.register_forward_hook(lambda _m, inputs, _o, s=statistics: s.add(inputs[0])))
@@ -166,16 +193,27 @@ class LayerBlock:
                 handle.remove()
         return collectors
 
+    def install(self, name: str, qtensor: QTensor) -> None:
+        _install(self.layer, name, qtensor, self.activations.get(name))
+
+    def fold_problem(self, group: InputGroup) -> str | None:
+        return fold_problem(self.layer, group)
+
+    def fold(self, group: InputGroup, scale: torch.Tensor) -> None:
+        fold_input_scale(self.layer, group, scale, self.norm_offset)
+
 
 class _OutsideBlock:
     """Linears outside the decoder layers (``lm_head`` …): their weights, no calibration inputs."""
 
     index = -1
     hidden = None
+    groups: tuple[InputGroup, ...] = ()
 
-    def __init__(self, model: nn.Module, device: torch.device) -> None:
+    def __init__(self, model: nn.Module, device: torch.device, activations: dict[str, str] | None = None) -> None:
         self.model = model
         self.device = device
+        self.activations = activations or {}
 
     def weight(self, name: str) -> torch.Tensor:
         return dense_weight(self.model.get_submodule(name)).to(self.device)
@@ -185,6 +223,15 @@ class _OutsideBlock:
 
     def collect(self, kinds, names):
         raise LowbitError("linears outside the decoder layers have no calibration inputs")
+
+    def install(self, name: str, qtensor: QTensor) -> None:
+        _install(self.model, name, qtensor, self.activations.get(name))
+
+    def fold_problem(self, group: InputGroup) -> str | None:
+        return "linears outside the decoder layers have no module before them to fold a scale into"
+
+    def fold(self, group: InputGroup, scale: torch.Tensor) -> None:
+        raise ValueError(self.fold_problem(group))
 
 
 def _assign(model: nn.Module, plan: Plan) -> dict[str, Rule]:
@@ -249,8 +296,27 @@ def plan_uses_statistics(plan: Plan) -> bool:
     return any(rule.config.statistics() for rule in plan.rules if rule.format is not None)
 
 
+def activations_of(targets: dict[str, Rule], prefix: str) -> dict[str, str]:
+    """Local name -> activation quantizer name, for the targets whose rule has one."""
+    return {name[len(prefix) :]: rule.activations for name, rule in targets.items() if rule.activations}
+
+
+def _check_folds(model: nn.Module, assigned: dict[str, Rule]) -> None:
+    """Refuse, before any work, a method that folds scales on a family whose table entry has no fold."""
+    methods = sorted({rule.algorithm for rule in assigned.values() if rule.config.folds_scales})
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    architecture = KNOWN_ARCHITECTURES.get(model_type)
+    if methods and (architecture is None or not any(group.previous for group in architecture.input_groups)):
+        raise LowbitError(
+            f"{' and '.join(methods)} fold a scale into the norm or linear before each group of linears, which "
+            f"lowbit's architecture table gives for {', '.join(foldable_families())}; this {model_type} model has "
+            "none: use --method gptq, or rtn with +clip"
+        )
+
+
 def _quantize(model: nn.Module, block, prefix: str, targets: dict[str, Rule]) -> dict[str, dict]:
-    """Run each algorithm's handler on its targets in ``block``, then install the QuantLinears."""
+    """Run each algorithm's handler on its targets in ``block``, then install the QuantLinears
+    the handler has not installed itself."""
     by_config: dict[AlgorithmConfig, dict[str, Format]] = defaultdict(dict)
     for name, rule in targets.items():
         by_config[rule.config][name[len(prefix) :]] = rule.format
@@ -260,10 +326,12 @@ def _quantize(model: nn.Module, block, prefix: str, targets: dict[str, Rule]) ->
     done = {}
     for local, qtensor in qtensors.items():
         name = prefix + local
-        linear = model.get_submodule(name)
-        set_submodule(model, name, QuantLinear.from_qtensor(qtensor, linear.bias))
+        if not isinstance(model.get_submodule(name), QuantLinear):  # not installed by its handler
+            block.install(local, qtensor)
         rule = targets[name]
         done[name] = {"format": rule.format.name, "spec": rule.format.spec(), "algorithm": rule.algorithm, **rule.options}
+        if rule.activations:
+            done[name]["activations"] = rule.activations
     return done
 
 
@@ -279,6 +347,7 @@ def quantize_model(
     source: str | None = None,
     allow_nonfinite: bool = False,
     keep_dtype: torch.dtype | None = None,
+    round_kept: bool = True,
 ) -> nn.Module:
     """Quantize ``model``'s linears in place, layer by layer, as ``plan`` says; return the model.
 
@@ -288,8 +357,12 @@ def quantize_model(
     (``model.lowbit_weights``) has each layer's weights read from disk just before its turn.
     Every weight is checked before it is quantized: NaN or inf is an error naming the tensor,
     unless ``allow_nonfinite``, which replaces them with zeros (and warns).
-    ``keep_dtype``: when given, the tensors that stay unquantized (embeddings, norms, kept
-    linears, biases) are cast to it at the end (``cast_kept_tensors``); None leaves them as they are.
+    ``keep_dtype``: when given, the dtype the tensors that stay unquantized (embeddings, norms,
+    kept linears, biases) are *stored* in: their values are rounded to it at the end
+    (:func:`round_kept_tensors`) while they keep the dtype the model computes in, and the
+    manifest records it (``kept_dtype``) for the writer and for sizes. None leaves them as they
+    are. ``round_kept=False`` records ``keep_dtype`` without rounding (``compare`` measures the
+    quantized linears against a reference whose kept tensors are the very same).
     """
     start = time.perf_counter()
     device = resolve_device(device)
@@ -303,6 +376,7 @@ def quantize_model(
         if not name.startswith(f"{layers_path}."):
             _check_finite(name, tensor, allow_nonfinite)
     assigned = _assign(model, plan)
+    _check_folds(model, assigned)
     calibrate = calibration is not None and any(rule.config.statistics() for rule in assigned.values())
     if calibration is not None and not calibrate:
         warnings.warn(f"plan {plan.name!r} uses no calibration statistics; the calibration text is ignored", stacklevel=2)
@@ -318,8 +392,8 @@ def quantize_model(
         targets = {name: rule for name, rule in assigned.items() if name.startswith(prefix)}
         home = next(layer.parameters()).device
         layer.to(device)
-        groups = [group.linears for group in input_groups_of(model, layer)]
-        block = LayerBlock(index, layer, device, groups, state)
+        groups = input_groups_of(model, layer)
+        block = LayerBlock(index, layer, device, groups, state, norm_offset_of(model), activations_of(targets, prefix))
         done.update(_quantize(model, block, prefix, targets))
         if state is not None and index + 1 < len(layers):
             state.hidden = block.run()
@@ -334,14 +408,13 @@ def quantize_model(
         if calibrate and rule.config.statistics():
             warnings.warn(f"{name} is outside the decoder layers: it is quantized without calibration statistics", stacklevel=2)
     if outside:
-        done.update(_quantize(model, _OutsideBlock(model, device), "", outside))
+        done.update(_quantize(model, _OutsideBlock(model, device, activations_of(outside, "")), "", outside))
         home = model.get_input_embeddings().weight.device
         for name in outside:
             model.get_submodule(name).to(home)
     if "lm_head" in done and getattr(model.config, "tie_word_embeddings", False):
         model.config.tie_word_embeddings = False  # the embedding keeps its dense weight
-    if keep_dtype is not None:
-        cast_kept_tensors(model, keep_dtype)
+    kept = keep_dtype if keep_dtype is None or not round_kept else round_kept_tensors(model, keep_dtype)
 
     model.lowbit_manifest = {
         "quant_method": "lowbit",
@@ -352,13 +425,16 @@ def quantize_model(
         "modules": done,
         "quantization_seconds": round(time.perf_counter() - start, 3),
     }
+    if kept is not None:
+        model.lowbit_manifest["kept_dtype"] = str(kept).removeprefix("torch.")
     return model
 
 
-def cast_kept_tensors(model: nn.Module, dtype: torch.dtype) -> None:
-    """Cast every floating parameter and persistent buffer that is not a quantized part to
-    ``dtype``, in place (ties kept: a shared Parameter is cast once), and record it as the
-    config's dtype. Non-persistent buffers (rotary tables) keep theirs, as a fresh load makes them."""
+def kept_tensors(model: nn.Module) -> list[tuple[dict, str]]:
+    """``(store, name)`` of every floating parameter and persistent buffer that is not a
+    quantized part (a QuantLinear's bias is kept), each shared (tied) Parameter once.
+    Non-persistent buffers (rotary tables) are not weights and are left out."""
+    found, seen = [], set()
     for module in model.modules():
         if isinstance(module, QuantLinear):
             tensors = [(module._parameters, "bias")] if module.bias is not None else []
@@ -367,10 +443,33 @@ def cast_kept_tensors(model: nn.Module, dtype: torch.dtype) -> None:
             tensors += [(module._buffers, name) for name in module._buffers if name not in module._non_persistent_buffers_set]
         for store, name in tensors:
             value = store[name]
-            if value is None or not value.is_floating_point() or value.dtype == dtype:
-                continue
-            if isinstance(value, nn.Parameter):
-                value.data = value.data.to(dtype)
-            else:
-                store[name] = value.to(dtype)
-    model.config.dtype = dtype
+            if value is not None and value.is_floating_point() and id(value) not in seen:
+                seen.add(id(value))
+                found.append((store, name))
+    return found
+
+
+def round_kept_tensors(model: nn.Module, dtype: torch.dtype) -> torch.dtype:
+    """Round every kept tensor (:func:`kept_tensors`) to the values ``dtype`` holds, keeping
+    its own dtype: the model computes as before, and a checkpoint that stores these tensors in
+    ``dtype`` loads back to exactly these values. Returns the dtype they can be stored in:
+    ``dtype``, or bfloat16 when ``dtype`` is float16 and a value lies beyond its range (with a
+    warning). Each rounded tensor is new memory (``Parameter.data`` is replaced, so ties hold
+    and a copy sharing the tensors of another model leaves that model's alone)."""
+    tensors = kept_tensors(model)
+    if dtype == torch.float16:
+        limit = torch.finfo(torch.float16).max
+        too_large = [name for store, name in tensors if store[name].detach().abs().max() > limit]
+        if too_large:
+            warnings.warn(f"{too_large[0]} holds values beyond float16's range: kept tensors are stored in bfloat16", stacklevel=3)
+            dtype = torch.bfloat16
+    for store, name in tensors:
+        value = store[name]
+        if value.dtype == dtype or (dtype == torch.float32 and value.dtype.itemsize < 4):
+            continue  # already exactly representable in dtype
+        rounded = value.detach().to(dtype).to(value.dtype)
+        if isinstance(value, nn.Parameter):
+            value.data = rounded
+        else:
+            store[name] = rounded
+    return dtype

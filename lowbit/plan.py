@@ -8,7 +8,9 @@ matching rule wins; a linear that no rule matches is kept.
 A *scheme* is what users type: a preset (``int4-g128``, ``nf4-dq`` …), any format name, or a
 plan file (YAML or JSON). A preset or format name may carry algorithm modifiers after ``+``:
 ``int4-g128+clip`` runs RTN with the clipping search. Presets keep ``lm_head`` (and the
-embeddings, which are never linears) in their original precision.
+embeddings, which are never linears) in their original precision. The W8A8 presets also
+quantize each linear's input at run time: ``w8a8`` is INT8 weights per channel with dynamic
+INT8 activations per token, ``w8a8-fp8`` the same in FP8 E4M3 (a rule's ``activations``).
 
 Plan file::
 
@@ -17,7 +19,10 @@ Plan file::
       "lm_head": keep
       "*.mlp.down_proj": int8
       "*.self_attn.*": int4-g128+clip
+      "*.mlp.*": {format: int4-g128, method: awq}
       "*": {format: nf4, algorithm: rtn, clip_search: true}
+
+(``method`` and ``algorithm`` are the same key.)
 
 (A file may also be the rules mapping alone, without the ``rules:`` key.)
 """
@@ -34,6 +39,7 @@ import yaml
 from lowbit.algorithms import AlgorithmConfig, RTNConfig, config_class, method_names
 from lowbit.errors import LowbitError, UnknownNameError
 from lowbit.formats import NAME_GRAMMAR, Format, get_format
+from lowbit.kernels.activation import activation_quantizer
 
 KEEP = "keep"
 #: the algorithm a rule runs when it names none
@@ -54,7 +60,11 @@ PRESETS = {
     "int2-g64": "int2-g64",
     "fp8": "fp8",
     "mxfp4": "mxfp4",
+    "w8a8": "int8",
+    "w8a8-fp8": "fp8",
 }
+#: preset name -> the activation quantizer of its linears
+PRESET_ACTIVATIONS = {"w8a8": "int8-per-token", "w8a8-fp8": "fp8-per-token"}
 
 #: ``+modifier`` -> algorithm options it sets
 MODIFIERS = {"clip": {"clip_search": True}}
@@ -65,11 +75,13 @@ PRESET_KEEP = ("lm_head",)
 
 @dataclass(frozen=True)
 class Rule:
-    """Linears whose name matches ``pattern`` get ``format`` through ``config`` (None: kept)."""
+    """Linears whose name matches ``pattern`` get ``format`` through ``config`` (None: kept);
+    ``activations`` names the quantizer of their inputs at run time (W8A8), if any."""
 
     pattern: str
     format: Format | None
     config: AlgorithmConfig = field(default_factory=RTNConfig)
+    activations: str | None = None
 
     @property
     def algorithm(self) -> str:
@@ -87,12 +99,14 @@ class Rule:
         if self.format is None:
             return KEEP
         extras = "".join(f" {k}={v}" for k, v in self.options.items())
-        return f"{self.format.name} ({self.algorithm}{extras})"
+        inputs = f", activations {self.activations}" if self.activations else ""
+        return f"{self.format.name} ({self.algorithm}{extras}{inputs})"
 
     def to_dict(self) -> dict:
         if self.format is None:
             return {"pattern": self.pattern, "format": KEEP}
-        return {"pattern": self.pattern, "format": self.format.name, "algorithm": self.algorithm, **self.options}
+        activations = {"activations": self.activations} if self.activations else {}
+        return {"pattern": self.pattern, "format": self.format.name, "algorithm": self.algorithm, **activations, **self.options}
 
 
 @dataclass
@@ -133,12 +147,13 @@ def make_rule(pattern: str, spec: str | dict | None, method: Method = DEFAULT_ME
     """A checked rule from a plan entry: ``"keep"``, ``"int4-g128+clip"`` or a mapping.
 
     ``method`` is the algorithm of an entry that names none (a method name, or a config whose
-    options the entry's own options then override).
+    options the entry's own options then override). A mapping names its own with
+    ``method:`` (or ``algorithm:``), and its activation quantizer with ``activations:``.
     """
     if spec is None or spec == KEEP:
         return Rule(pattern, None)
     if isinstance(spec, str):
-        fmt_text, options = _split_modifiers(spec)
+        fmt_text, options, activations = _split_modifiers(spec)
     elif isinstance(spec, dict):
         spec = dict(spec)
         if "format" not in spec:
@@ -146,8 +161,12 @@ def make_rule(pattern: str, spec: str | dict | None, method: Method = DEFAULT_ME
         text = spec.pop("format")
         if text == KEEP:
             return Rule(pattern, None)
-        fmt_text, options = _split_modifiers(str(text))
-        method = spec.pop("algorithm", method)
+        fmt_text, options, activations = _split_modifiers(str(text))
+        if "method" in spec and "algorithm" in spec:
+            raise LowbitError(f"plan rule {pattern!r} names both 'method' and 'algorithm'; they are the same key, give one")
+        method = spec.pop("method", spec.pop("algorithm", method))
+        activations = spec.pop("activations", activations)
+        activation_quantizer(activations)  # a clear error for an unknown name
         options = {**options, **spec}
     else:
         raise LowbitError(f"plan rule {pattern!r} must be a format name, 'keep' or a mapping, got {spec!r}")
@@ -158,10 +177,11 @@ def make_rule(pattern: str, spec: str | dict | None, method: Method = DEFAULT_ME
         config = config_class(str(method)).from_options(options)
     if config.options().get("clip_search") and not fmt.supports_clip:
         raise LowbitError(f"{fmt.name} has no clipping search (its scales are fixed by the format); drop '+clip'")
-    return Rule(pattern, fmt, config)
+    return Rule(pattern, fmt, config, activations)
 
 
-def _split_modifiers(text: str) -> tuple[str, dict]:
+def _split_modifiers(text: str) -> tuple[str, dict, str | None]:
+    """``(format name, algorithm options, activation quantizer)`` of a preset or format name with modifiers."""
     base, *modifiers = [part.strip() for part in text.split("+")]
     options: dict = {}
     for modifier in modifiers:
@@ -170,7 +190,7 @@ def _split_modifiers(text: str) -> tuple[str, dict]:
                 f"unknown modifier '+{modifier}' in {text!r}; modifiers: {', '.join('+' + m for m in MODIFIERS)}"
             )
         options.update(MODIFIERS[modifier])
-    return PRESETS.get(base, base), options
+    return PRESETS.get(base, base), options, PRESET_ACTIVATIONS.get(base)
 
 
 def preset_plan(scheme: str, method: Method = DEFAULT_METHOD) -> Plan:

@@ -378,11 +378,15 @@ class FakeBlock:
     """A block with a fixed Hessian per name, counting collections."""
 
     device = torch.device("cpu")
+    groups = ()  # no input groups: every target in one stage
 
     def __init__(self, weights, hessians, index=0, hidden=True):
         self.weights, self.hessians, self.index = weights, hessians, index
         self.hidden = [torch.zeros(1)] if hidden else None
         self.asked = []
+
+    def install(self, name, qtensor):
+        pass
 
     def weight(self, name):
         return self.weights[name]
@@ -445,19 +449,31 @@ def test_pipeline_beats_rtn_on_every_architecture():
     assert max(ratios.values()) < 1 and sum(ratios.values()) / len(ratios) < 0.85, ratios
 
 
-def test_q_k_v_share_one_hessian_collected_once_per_block(monkeypatch):
-    collected = []
+@pytest.mark.parametrize("sequential", [True, False])
+def test_q_k_v_share_one_hessian_collected_once_per_block(monkeypatch, sequential):
+    """One Hessian per shared input; with ``sequential`` (the default) one collection per input
+    group in the layer's order, with the groups before it already quantized."""
+    collected, quantized_before = [], []
     original = LayerBlock.collect
 
     def counting(self, kinds, names):
+        quantized_before.append(sorted(n for n, m in self.layer.named_modules() if isinstance(m, QuantLinear)))
         statistics = original(self, kinds, names)
         collected.append(statistics)
         return statistics
 
     monkeypatch.setattr(LayerBlock, "collect", counting)
     model = tiny_model("llama")
-    quantize_model(model, Plan([make_rule("lm_head", "keep"), make_rule("*", {"format": "int4-g32", "algorithm": "gptq"})]),
-                   calibration=tiny_tokens(4, 16), progress=False)  # fmt: skip
+    rule = {"format": "int4-g32", "algorithm": "gptq", **({} if sequential else {"sequential": False})}
+    quantize_model(model, Plan([make_rule("lm_head", "keep"), make_rule("*", rule)]), calibration=tiny_tokens(4, 16), progress=False)
+    if sequential:
+        attention = [f"self_attn.{p}_proj" for p in "qkvo"]
+        stages = [attention[:3], attention[3:], ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
+        assert [sorted(s) for s in collected] == [sorted(stage) for stage in stages] * model.config.num_hidden_layers
+        done = [sorted(sum(stages[:i], [])) for i in range(4)]
+        assert quantized_before == done * model.config.num_hidden_layers
+        merged = [{k: v for s in collected[i : i + 4] for k, v in s.items()} for i in range(0, len(collected), 4)]
+        collected = merged
     assert len(collected) == model.config.num_hidden_layers
     for statistics in collected:
         attention = [statistics[f"self_attn.{p}_proj"] for p in "qkv"]
@@ -484,7 +500,8 @@ def test_fp16_activations_that_overflow_fp16_sums():
 
     def watching(self, kinds, names):
         statistics = original(self, kinds, names)
-        largest.append(float(statistics["self_attn.q_proj"].hessian.diagonal().max()) * statistics["self_attn.q_proj"].rows)
+        if "self_attn.q_proj" in statistics:  # one collection per input group (true sequential)
+            largest.append(float(statistics["self_attn.q_proj"].hessian.diagonal().max()) * statistics["self_attn.q_proj"].rows)
         return statistics
 
     with pytest.MonkeyPatch.context() as patch:

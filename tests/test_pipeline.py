@@ -224,7 +224,7 @@ def test_layer0_statistics_from_captured_inputs(arch):
 
     layer = model.model.layers[0]
     names = [name for name, m in layer.named_modules() if isinstance(m, nn.Linear)]
-    groups = [group.linears for group in input_groups_of(model, layer)]
+    groups = input_groups_of(model, layer)
     statistics = LayerBlock(0, layer, torch.device("cpu"), groups, state).collect(frozenset({"input_mean_square"}), names)
     assert_statistics_close(statistics, reference_mean_squares(model, 0, tokens))
 
@@ -237,10 +237,11 @@ def test_linears_sharing_an_input_share_one_collector(arch):
     tokens = tiny_tokens(5, 24)
     state = capture_layer_inputs(model, "model.layers", tokens, batch_size=2)
     layer = model.model.layers[0]
-    groups = [group.linears for group in input_groups_of(model, layer)]
+    input_groups = input_groups_of(model, layer)
+    groups = [group.linears for group in input_groups]
     names = [name for name, m in layer.named_modules() if isinstance(m, nn.Linear)]
-    kinds = frozenset({"hessian", "input_mean_square", "input_absmax"})
-    statistics = LayerBlock(0, layer, torch.device("cpu"), groups, state).collect(kinds, names)
+    kinds = frozenset({"hessian", "input_mean_square", "input_absmax", "input_absmean"})
+    statistics = LayerBlock(0, layer, torch.device("cpu"), input_groups, state).collect(kinds, names)
     assert set(statistics) == set(names)
     collectors = {id(s) for s in statistics.values()}
     assert len(collectors) == len(groups)  # one per input
@@ -262,6 +263,7 @@ def test_linears_sharing_an_input_share_one_collector(arch):
         torch.testing.assert_close(got.hessian.double(), x.T @ x / x.shape[0], rtol=1e-5, atol=1e-7, msg=name)
         torch.testing.assert_close(got.mean_square.double(), x.square().mean(0), rtol=1e-5, atol=0, msg=name)
         torch.testing.assert_close(got.absmax.double(), x.abs().amax(0), rtol=1e-6, atol=0, msg=name)
+        torch.testing.assert_close(got.absmean.double(), x.abs().mean(0), rtol=1e-5, atol=0, msg=name)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma2"])

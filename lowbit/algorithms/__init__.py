@@ -6,12 +6,14 @@ method name plans use; ``handler_for(config)`` finds its handler. A new algorith
 module here that defines its config and registers its handler, plus its import below.
 """
 
-from lowbit.algorithms.base import AlgorithmConfig, Block, config_class, handler_for, method_names, register
+from lowbit.algorithms.awq import AWQConfig
+from lowbit.algorithms.base import AlgorithmConfig, Block, config_class, handler_for, method_names, register, sequential_stages
 from lowbit.algorithms.gptq import GPTQConfig
 from lowbit.algorithms.rtn import RTNConfig
+from lowbit.algorithms.smoothquant import SmoothQuantConfig
 from lowbit.algorithms.statistics import InputStatistics
 
 __all__ = [
-    "AlgorithmConfig", "Block", "GPTQConfig", "InputStatistics", "RTNConfig",
-    "config_class", "handler_for", "method_names", "register",
+    "AWQConfig", "AlgorithmConfig", "Block", "GPTQConfig", "InputStatistics", "RTNConfig", "SmoothQuantConfig",
+    "config_class", "handler_for", "method_names", "register", "sequential_stages",
 ]  # fmt: skip

@@ -14,14 +14,21 @@ pipeline hands it: the layer's linears and their dense weights, the hidden state
 arguments the layer received during calibration, the work device, the architecture's input
 groups (which linears share an input, which norm or linear produces it), ``run()`` to run
 the layer, and ``collect()`` for input statistics keyed by shared input (so q, k and v get one
-Hessian). AWQ and SmoothQuant fold their scales into the module ``previous`` names.
+Hessian). AWQ and SmoothQuant fold their scales into the module ``previous`` names
+(``fold()``).
+
+True sequential (``sequential_stages``): a handler may quantize a block one input group at a
+time, in the order the layer runs them, and ``install()`` each group's QTensors before the
+next group's statistics are collected, so ``o_proj`` is calibrated on the outputs of the
+quantized q/k/v and ``down_proj`` on those of the quantized gate/up, as they will run.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, ClassVar, Protocol
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Protocol
 
 import torch
 
@@ -41,6 +48,9 @@ class Block(Protocol):
     device: torch.device
     #: hidden states entering the layer for each calibration batch, or None without calibration
     hidden: list[torch.Tensor] | None
+    #: the layer's input groups in the order it runs them (``lowbit.arch.InputGroup``: ``linears``,
+    #: ``previous``, ``previous_kind``); every linear of the layer is in one
+    groups: Sequence[Any]
 
     def weight(self, name: str) -> torch.Tensor:
         """The dense ``(out_features, in_features)`` weight of linear ``name`` (local to the layer)."""
@@ -51,12 +61,24 @@ class Block(Protocol):
     def collect(self, kinds: frozenset[str], names: list[str]) -> dict[str, InputStatistics]:
         """Input statistics of ``kinds`` for the linears ``names``, one collector per shared input."""
 
+    def install(self, name: str, qtensor: QTensor) -> None:
+        """Put ``qtensor`` in place of linear ``name`` now: later runs and statistics see it quantized."""
+
+    def fold_problem(self, group: Any) -> str | None:
+        """Why a scale cannot be folded into ``group``'s previous module; None when it can."""
+
+    def fold(self, group: Any, scale: torch.Tensor) -> None:
+        """Multiply ``group``'s input columns by ``scale`` and divide its previous module's outputs by it."""
+
 
 @dataclass(frozen=True)
 class AlgorithmConfig:
     """Options of an algorithm; subclasses add fields with defaults and set ``method``."""
 
     method: ClassVar[str] = ""
+    #: whether the algorithm folds scales into the modules before its linears (AWQ, SmoothQuant):
+    #: the pipeline refuses it up front for a family whose table entry has no fold
+    folds_scales: ClassVar[bool] = False
 
     def statistics(self) -> frozenset[str]:
         """The input statistics this configuration uses when calibration text is given."""
@@ -137,3 +159,19 @@ def method_names() -> list[str]:
 
 def handler_for(config: AlgorithmConfig) -> Handler:
     return _HANDLERS[type(config)]
+
+
+def sequential_stages(block: Block, targets: dict[str, Format], sequential: bool = True) -> Iterator[dict[str, Format]]:
+    """The targets of a block in the stages a handler quantizes them: with ``sequential``, one
+    input group at a time in the order the layer runs them (targets no group names come
+    last, together); otherwise all at once."""
+    if not sequential:
+        yield dict(targets)
+        return
+    left = dict(targets)
+    for group in block.groups:
+        stage = {name: left.pop(name) for name in group.linears if name in left}
+        if stage:
+            yield stage
+    if left:
+        yield left

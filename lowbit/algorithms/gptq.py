@@ -46,6 +46,12 @@ codes and params the loop used, so it dequantizes bit for bit to the weight GPTQ
 act_order: columns are rounded in order of decreasing ``diag(H)`` (the most strongly driven
 inputs first, while the most columns are left to absorb their errors), then put back. Groups
 are then static, so the stored layout stays canonical: contiguous groups, no ``g_idx``.
+
+True sequential (``sequential``, the default, as llm-compressor and GPTQModel do): within a
+block, the Hessian of each input group is collected after the groups before it were
+quantized, so ``o_proj`` sees the outputs of the quantized q/k/v and ``down_proj`` those of
+the quantized gate/up (the layer runs once per group). ``sequential=False`` collects every
+Hessian once from the float layer.
 """
 
 from __future__ import annotations
@@ -55,7 +61,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lowbit.algorithms.base import AlgorithmConfig, Block, register
+from lowbit.algorithms.base import AlgorithmConfig, Block, register, sequential_stages
 from lowbit.algorithms.rtn import RTNConfig, quantize_rtn, search_clip_ratio
 from lowbit.algorithms.statistics import HESSIAN
 from lowbit.errors import LowbitError
@@ -71,7 +77,8 @@ class GPTQConfig(AlgorithmConfig):
     """GPTQ's options: relative ``damp``ing of the Hessian, the lazy-batch ``block_size``,
     ``act_order`` (round columns by decreasing activation energy; implies static groups),
     ``static_groups`` (choose every group's params up front from the original weights), and
-    RTN's ``clip_search`` over ``clip_grid`` factors from 1.0 down to ``clip_min``, per group."""
+    RTN's ``clip_search`` over ``clip_grid`` factors from 1.0 down to ``clip_min``, per group;
+    ``sequential``: each input group's Hessian collected after the groups before it were quantized."""
 
     method = "gptq"
     damp: float = 0.01
@@ -81,11 +88,12 @@ class GPTQConfig(AlgorithmConfig):
     clip_search: bool = False
     clip_grid: int = 20
     clip_min: float = 0.5
+    sequential: bool = True
 
     def __post_init__(self) -> None:
         self.require_fraction("damp", " (a fraction of the mean Hessian diagonal)")
         self.require_whole("block_size")
-        self.require_flag("act_order", "static_groups", "clip_search")
+        self.require_flag("act_order", "static_groups", "clip_search", "sequential")
         self.require_whole("clip_grid")
         self.require_fraction("clip_min")
 
@@ -251,7 +259,8 @@ class _GroupParams:
 
 @register(GPTQConfig)
 def quantize_block(config: GPTQConfig, block: Block, targets: dict[str, Format]) -> dict[str, QTensor]:
-    """GPTQ on every target linear of a block: one Hessian per shared input, collected once."""
+    """GPTQ on every target linear of a block: one Hessian per shared input, group by group
+    when ``sequential`` (each group installed before the next is collected), else all at once."""
     if block.hidden is None:
         if block.index >= 0:
             raise LowbitError("gptq needs calibration text: pass --calibration FILE")
@@ -259,8 +268,11 @@ def quantize_block(config: GPTQConfig, block: Block, targets: dict[str, Format])
         # pipeline warns: they are rounded to nearest, with the same clipping search
         rtn = RTNConfig(config.clip_search, config.clip_grid, config.clip_min)
         return {name: quantize_rtn(block.weight(name), fmt, rtn) for name, fmt in targets.items()}
-    statistics = block.collect(config.statistics(), list(targets))
-    return {
-        name: gptq_quantize(block.weight(name), statistics[name].hessian, fmt, config, f"layer {block.index} {name}")[0]
-        for name, fmt in targets.items()
-    }
+    out = {}
+    for stage in sequential_stages(block, targets, config.sequential):
+        statistics = block.collect(config.statistics(), list(stage))
+        for name, fmt in stage.items():
+            out[name] = gptq_quantize(block.weight(name), statistics[name].hessian, fmt, config, f"layer {block.index} {name}")[0]
+            if config.sequential:
+                block.install(name, out[name])
+    return out

@@ -10,7 +10,8 @@ Kinds (what an algorithm asks for, see ``AlgorithmConfig.statistics``):
 - ``hessian``: ``H = XᵀX / n`` over the ``n`` input rows (GPTQ's proxy Hessian, up to its 2);
 - ``input_mean_square``: ``mean(x²)`` per input channel (the diagonal of ``H``), which weights a
   clip search's error by how strongly each column is driven;
-- ``input_absmax``: ``max|x|`` per input channel (AWQ and SmoothQuant scale from it).
+- ``input_absmax``: ``max|x|`` per input channel (SmoothQuant scales from it);
+- ``input_absmean``: ``mean|x|`` per input channel (AWQ's activation magnitude).
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ import torch
 HESSIAN = "hessian"
 INPUT_MEAN_SQUARE = "input_mean_square"
 INPUT_ABSMAX = "input_absmax"
-KINDS = frozenset({HESSIAN, INPUT_MEAN_SQUARE, INPUT_ABSMAX})
+INPUT_ABSMEAN = "input_absmean"
+KINDS = frozenset({HESSIAN, INPUT_MEAN_SQUARE, INPUT_ABSMAX, INPUT_ABSMEAN})
 
 
 class InputStatistics:
@@ -36,6 +38,7 @@ class InputStatistics:
         self._square_sum: torch.Tensor | None = None
         self._gram: torch.Tensor | None = None
         self._absmax: torch.Tensor | None = None
+        self._abs_sum: torch.Tensor | None = None
 
     def add(self, inputs: torch.Tensor) -> None:
         """Accumulate a batch of inputs ``(..., features)``."""
@@ -52,6 +55,9 @@ class InputStatistics:
         if INPUT_ABSMAX in self.kinds:
             absmax = x.abs().amax(0)
             self._absmax = absmax if self._absmax is None else torch.maximum(self._absmax, absmax)
+        if INPUT_ABSMEAN in self.kinds:
+            abs_sum = x.abs().sum(0)
+            self._abs_sum = abs_sum if self._abs_sum is None else self._abs_sum + abs_sum
 
     def _need(self, kind: str, value: torch.Tensor | None) -> torch.Tensor:
         if kind not in self.kinds:
@@ -71,3 +77,7 @@ class InputStatistics:
     @property
     def absmax(self) -> torch.Tensor:
         return self._need(INPUT_ABSMAX, self._absmax)
+
+    @property
+    def absmean(self) -> torch.Tensor:
+        return self._need(INPUT_ABSMEAN, self._abs_sum) / self.rows
