@@ -242,7 +242,7 @@ def test_spec_fields_by_family():
     assert get_format("fp8-e5m2-tensor").spec() == {"family": "fp8", "name": "fp8-e5m2-tensor", "variant": "e5m2", "per_tensor": True}
     assert get_format("mxfp4").spec() == {"family": "mxfp4", "name": "mxfp4"}
     assert get_format("bf16").spec() == {"family": "float", "name": "bf16"}
-    assert sorted(FORMAT_CLASSES) == ["float", "fp8", "int", "mxfp4", "nf4"]
+    assert sorted(FORMAT_CLASSES) == ["float", "fp8", "gguf", "int", "mxfp4", "nf4"]
 
 
 def _int_spec(**changes):

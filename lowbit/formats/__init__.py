@@ -15,29 +15,31 @@ from functools import lru_cache
 from typing import Any
 
 from lowbit.errors import LowbitError, UnknownNameError
-from lowbit.formats import floating, fp4, fp8, integer, nf4
+from lowbit.formats import floating, fp4, fp8, gguf_blocks, integer, nf4
 from lowbit.formats.base import Format, ScaleGroups
 from lowbit.formats.floating import FloatFormat, FloatParams
 from lowbit.formats.fp4 import MXFP4Format, MXParams
 from lowbit.formats.fp8 import FP8Format, FP8Params
+from lowbit.formats.gguf_blocks import GGUFFormat, GGUFParams
 from lowbit.formats.integer import IntegerFormat, IntegerParams
 from lowbit.formats.nf4 import NF4Format, NF4Params
 
-FAMILIES = (floating, integer, nf4, fp8, fp4)
+FAMILIES = (floating, integer, nf4, fp8, fp4, gguf_blocks)
 #: the class of each ``spec()["family"]``
 FORMAT_CLASSES: dict[str, type[Format]] = {
-    cls.family: cls for cls in (FloatFormat, IntegerFormat, NF4Format, FP8Format, MXFP4Format)
+    cls.family: cls for cls in (FloatFormat, IntegerFormat, NF4Format, FP8Format, MXFP4Format, GGUFFormat)
 }
 
 #: Names shown to users as examples of what ``get_format`` accepts.
 EXAMPLE_NAMES = (
     "fp32", "bf16", "fp16",
     "int8", "int8-tensor", "w8-g128 (int8-g128)", "int4-g128", "int4-g32", "int4-sym-g128", "int3-g128", "int2-g64",
-    "nf4", "nf4-dq", "fp8", "fp8-e5m2", "fp8-tensor", "mxfp4",
+    "nf4", "nf4-dq", "fp8", "fp8-e5m2", "fp8-tensor", "mxfp4", "gguf-q8_0", "gguf-q4_0",
 )  # fmt: skip
 
 NAME_GRAMMAR = (
-    "int{2..8}[-sym|-asym][-g{N}|-ch|-tensor], nf4[-dq][-g{N}], fp8[-e4m3|-e5m2][-tensor], mxfp4, fp32, bf16, fp16"
+    "int{2..8}[-sym|-asym][-g{N}|-ch|-tensor], nf4[-dq][-g{N}], fp8[-e4m3|-e5m2][-tensor], mxfp4, fp32, bf16, fp16, "
+    "gguf-{q8_0|q4_0|q4_1|q5_0|q5_1}"
 )
 
 
@@ -91,6 +93,8 @@ __all__ = [
     "FloatFormat",
     "FloatParams",
     "Format",
+    "GGUFFormat",
+    "GGUFParams",
     "IntegerFormat",
     "IntegerParams",
     "MXFP4Format",

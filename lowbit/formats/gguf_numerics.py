@@ -1,0 +1,242 @@
+"""llama.cpp's quantization arithmetic, in float32 torch, vectorized across blocks.
+
+The GGUF block formats must write the very bytes ``llama-quantize`` writes, so this module
+restates the helpers of ``ggml/src/ggml-quants.c`` (llama.cpp as vendored in
+llama-cpp-python 0.3.36) with C's float semantics:
+
+- every sum is accumulated in float32 element by element, in the C loop's order
+  (:func:`seq_sum`); torch's reductions add pairwise or in double and round differently;
+- products and quotients are taken in the C expression's order (``w*l*x`` is ``(w*l)*x``);
+- ``sqrtf`` is taken in float64 and rounded (:func:`sqrtf`), and a quotient is always
+  tensor by tensor (torch turns ``15 / t`` into a multiplication by ``1/t``);
+- ``nearest_int`` is the ``+ 12582912.f`` bit trick (:func:`nearest_int`), ``roundf`` rounds
+  half away from zero (:func:`round_away`), casts to ``int8``/``uint8`` truncate and wrap;
+- "the first element whose ``|x|`` is largest" is a first-occurrence argmax, and a search
+  that starts from ``0`` keeps ``+0.0`` where every element is zero (the sign of a zero
+  scale is a stored bit).
+
+The iterative searches (``make_qx_quants``, ``make_qkx2_quants``/``make_qkx3_quants``,
+``make_q3_quants``, ``make_qp_quants``) keep one state per block and loop over candidates
+and elements with tensor ops across all blocks at once. Their early exits ("break when
+nothing changed") are dropped: a pass that changes nothing leaves the state as it was, so
+the passes after it change nothing either. Inputs are ``(blocks, n)`` float32 tensors;
+results are per block. Written by hand because no library exposes llama.cpp's quantizers
+as array code (gguf-py quantizes Q8_0/Q4_0/Q4_1/Q5_0/Q5_1 only, and without importance).
+"""
+
+from __future__ import annotations
+
+import torch
+
+#: ``GROUP_MAX_EPS``: a group whose largest magnitude is below it is all zero
+GROUP_MAX_EPS = 1e-15
+
+
+def f32(value: float) -> torch.Tensor:
+    """A C ``float`` constant (``0.1f`` is not 0.1)."""
+    return torch.tensor(value, dtype=torch.float32)
+
+
+def sqrtf(value: torch.Tensor) -> torch.Tensor:
+    """C ``sqrtf``, correctly rounded: torch's float32 ``sqrt`` on the CPU is not (about one
+    result in six is one ulp off); the square root of a float32 taken in float64 and rounded
+    back is."""
+    return torch.sqrt(value.double()).float()
+
+
+def seq_sum(terms: torch.Tensor, start: torch.Tensor | None = None) -> torch.Tensor:
+    """``acc = start (or +0.0); for i: acc += terms[..., i]`` in float32, as a C loop adds."""
+    columns = terms.movedim(-1, 0).contiguous()
+    acc = torch.zeros(terms.shape[:-1], dtype=torch.float32) if start is None else start
+    for column in columns:
+        acc = acc + column
+    return acc
+
+
+def nearest_int(value: torch.Tensor) -> torch.Tensor:
+    """ggml's ``nearest_int``: ``value + 12582912.f`` read as an integer (round half to even
+    for ``|value| < 2**22``; the same bits as C beyond it)."""
+    bits = (value.float() + 12582912.0).view(torch.int32)
+    return (bits & 0x007FFFFF) - 0x00400000
+
+
+def round_away(value: torch.Tensor) -> torch.Tensor:
+    """C ``roundf``: to the nearest integer, halves away from zero (exact in float32)."""
+    whole = torch.trunc(value)
+    half_up = (value - whole).abs() >= 0.5
+    return whole + torch.where(half_up, torch.sign(value), torch.zeros_like(value))
+
+
+def to_fp16(value: torch.Tensor) -> torch.Tensor:
+    """``GGML_FP32_TO_FP16``: round to nearest even, as stored (a float16 tensor)."""
+    return value.to(torch.float16)
+
+
+def first_absmax(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``amax = 0; if (fabsf(x) > amax) { amax = fabsf(x); max = x; }``: the largest
+    magnitude and the signed value first reaching it (``+0.0`` for an all-zero block)."""
+    magnitude = x.abs()
+    index = magnitude.argmax(-1, keepdim=True)
+    amax = magnitude.gather(-1, index).squeeze(-1)
+    signed = x.gather(-1, index).squeeze(-1)
+    return amax, torch.where(amax > 0, signed, torch.zeros_like(signed))
+
+
+def first_min_max(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``min = max = x[0]; if (x < min) min = x; if (x > max) max = x``: first occurrences."""
+    low = x.gather(-1, x.argmin(-1, keepdim=True)).squeeze(-1)
+    high = x.gather(-1, x.argmax(-1, keepdim=True)).squeeze(-1)
+    return low, high
+
+
+def make_qx_quants(x: torch.Tensor, nmax: int, weights: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``make_qx_quants(n, nmax, x, L, rmse_type=1, qw)``: a signed scale and codes ``L`` in
+    ``0 .. 2*nmax-1`` (offset ``nmax``). ``weights`` None: ``x*x``, as the C code without ``qw``."""
+    amax, top = first_absmax(x)
+    w = x * x if weights is None else weights
+    wx = w * x
+
+    def attempt(iscale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        level = nearest_int(iscale.unsqueeze(-1) * x).clamp(-nmax, nmax - 1)
+        lf = level.float()
+        return level, seq_sum(wx * lf), seq_sum(w * lf * lf)
+
+    safe_top = torch.where(amax < GROUP_MAX_EPS, torch.ones_like(top), top)
+    level, sumlx, suml2 = attempt(f32(-nmax) / safe_top)
+    scale = torch.where(suml2 != 0, sumlx / suml2, torch.zeros_like(sumlx))
+    best = scale * sumlx
+    for step in range(-9, 10):
+        if step == 0:
+            continue
+        candidate, slx, sl2 = attempt(-(nmax + f32(0.1) * step) / safe_top)
+        better = (sl2 > 0) & (slx * slx > best * sl2)
+        level = torch.where(better.unsqueeze(-1), candidate, level)
+        scale = torch.where(better, slx / sl2, scale)
+        best = torch.where(better, scale * slx, best)
+    empty = amax < GROUP_MAX_EPS
+    codes = torch.where(empty.unsqueeze(-1), 0, level + nmax)
+    return torch.where(empty, torch.zeros_like(scale), scale), codes.to(torch.uint8)
+
+
+def make_q3_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``make_q3_quants(n, nmax, x, L, do_rmse=true)``: weights ``x*x``, then up to five
+    passes that move one code at a time when that raises ``sumlx**2 / suml2``."""
+    amax, top = first_absmax(x)
+    empty = amax < GROUP_MAX_EPS
+    safe_top = torch.where(empty, torch.ones_like(top), top)
+    w = x * x
+    wx = w * x
+    level = nearest_int((f32(-nmax) / safe_top).unsqueeze(-1) * x).clamp(-nmax, nmax - 1)
+    lf = level.float()
+    sumlx, suml2 = seq_sum(wx * lf), seq_sum(w * lf * lf)
+    for _ in range(5):
+        for i in range(x.shape[-1]):
+            xi, wi, wxi, li = x[:, i], w[:, i], wx[:, i], level[:, i].float()
+            slx = sumlx - wxi * li
+            sl2 = suml2 - wi * li * li
+            new = nearest_int(xi * sl2 / slx).clamp(-nmax, nmax - 1)
+            newf = new.float()
+            slx2 = slx + wxi * newf
+            sl22 = sl2 + wi * newf * newf
+            take = (slx > 0) & (new != level[:, i]) & (sl22 > 0) & (slx2 * slx2 * suml2 > sumlx * sumlx * sl22)
+            level[:, i] = torch.where(take, new, level[:, i])
+            sumlx = torch.where(take, slx2, sumlx)
+            suml2 = torch.where(take, sl22, suml2)
+    scale = torch.where(suml2 > 0, sumlx / suml2, torch.zeros_like(sumlx))
+    codes = torch.where(empty.unsqueeze(-1), 0, level + nmax)
+    return torch.where(empty, torch.zeros_like(scale), scale), codes.to(torch.uint8)
+
+
+def make_qkx_quants(
+    x: torch.Tensor, weights: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``make_qkx2_quants`` / ``make_qkx3_quants`` with weights and ``use_mad=false`` (the two
+    are the same code then): scale, ``the_min`` (``-min`` >= 0) and codes ``0..nmax`` of an
+    asymmetric grid, searching ``nstep + 1`` candidate scales by weighted least squares."""
+    low, high = first_min_max(x)
+    low = torch.where(low > 0, torch.zeros_like(low), low)
+    flat = high == low
+    span = torch.where(flat, torch.ones_like(high), high - low)
+    sum_w = seq_sum(weights[:, 1:], weights[:, 0])
+    sum_x = seq_sum(weights[:, 1:] * x[:, 1:], weights[:, 0] * x[:, 0])
+
+    def levels(iscale: torch.Tensor, minimum: torch.Tensor) -> torch.Tensor:
+        return nearest_int(iscale.unsqueeze(-1) * (x - minimum.unsqueeze(-1))).clamp(0, nmax).float()
+
+    def error(scale: torch.Tensor, minimum: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+        diff = scale.unsqueeze(-1) * level + minimum.unsqueeze(-1) - x
+        return seq_sum(weights * (diff * diff))
+
+    iscale = f32(nmax) / span
+    scale = f32(1) / iscale
+    level = levels(iscale, low)
+    best = error(scale, low, level)
+    minimum = low
+    for step in range(nstep + 1):  # a better candidate moves the minimum the next ones start from
+        iscale = (f32(rmin) + f32(rdelta) * step + nmax) / torch.where(flat, span, high - minimum)
+        candidate = levels(iscale, minimum)
+        wl = weights * candidate
+        sum_l, sum_l2, sum_xl = seq_sum(wl), seq_sum(wl * candidate), seq_sum(wl * x)
+        det = sum_w * sum_l2 - sum_l * sum_l
+        this_scale = (sum_w * sum_xl - sum_x * sum_l) / det
+        this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det
+        positive = this_min > 0
+        this_scale = torch.where(positive, sum_xl / sum_l2, this_scale)
+        this_min = torch.where(positive, torch.zeros_like(this_min), this_min)
+        current = error(this_scale, this_min, candidate)
+        better = (det > 0) & (current < best)
+        level = torch.where(better.unsqueeze(-1), candidate, level)
+        best = torch.where(better, current, best)
+        scale = torch.where(better, this_scale, scale)
+        minimum = torch.where(better, this_min, minimum)
+    scale = torch.where(flat, torch.zeros_like(scale), scale)
+    codes = torch.where(flat.unsqueeze(-1), 0.0, level).to(torch.uint8)
+    return scale, torch.where(flat, -low, -minimum), codes
+
+
+def make_qp_quants(x: torch.Tensor, nmax: int, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``make_qp_quants(n, nmax, x, L, quant_weights)``: one positive scale for the non-negative
+    values ``x`` (a super-block's sub-block scales or mins) and their codes ``0..nmax``."""
+    top = torch.zeros(x.shape[:-1], dtype=torch.float32)
+    for i in range(x.shape[-1]):  # MAX(max, x[i]): a signed zero follows C's comparison
+        top = torch.where(top > x[:, i], top, x[:, i])
+    empty = top < GROUP_MAX_EPS
+    top = torch.where(empty, torch.ones_like(top), top)
+    w = weights
+    wx = w * x
+
+    def mse(scale: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+        diff = x - scale.unsqueeze(-1) * level
+        return seq_sum(w * diff * diff)
+
+    iscale = f32(nmax) / top
+    stored = (nearest_int(iscale.unsqueeze(-1) * x) & 0xFF).float()
+    best = mse(f32(1) / iscale, stored)
+    for step in range(-4, 5):
+        if step == 0:
+            continue
+        iscale_is = (f32(0.1) * step + nmax) / top
+        current = mse(f32(1) / iscale_is, nearest_int(iscale_is.unsqueeze(-1) * x).clamp(max=nmax).float())
+        better = current < best
+        best = torch.where(better, current, best)
+        iscale = torch.where(better, iscale_is, iscale)
+    level = nearest_int(iscale.unsqueeze(-1) * x).clamp(max=nmax)
+    lf = level.float()
+    sumlx, suml2 = seq_sum(wx * lf), seq_sum(w * lf * lf)
+    stored = level & 0xFF
+    for _ in range(5):
+        for i in range(x.shape[-1]):
+            xi, wi, wxi, li = x[:, i], w[:, i], wx[:, i], stored[:, i].float()
+            slx = sumlx - wxi * li
+            sl2 = suml2 - wi * li * li
+            new = nearest_int(xi * sl2 / slx).clamp(max=nmax)
+            newf = new.float()
+            slx2 = slx + wxi * newf
+            sl22 = sl2 + wi * newf * newf
+            take = (slx > 0) & (sl2 > 0) & (new != stored[:, i]) & (slx2 * slx2 * suml2 > sumlx * sumlx * sl22)
+            stored[:, i] = torch.where(take, new & 0xFF, stored[:, i])
+            sumlx = torch.where(take, slx2, sumlx)
+            suml2 = torch.where(take, sl22, suml2)
+    scale = torch.where(suml2 > 0, sumlx / suml2, torch.zeros_like(sumlx))
+    scale = torch.where(empty, torch.zeros_like(scale), scale)
+    return scale, torch.where(empty.unsqueeze(-1), 0, stored).to(torch.uint8)

@@ -1,0 +1,111 @@
+"""GGUF block formats against llama.cpp's own C code, byte for byte.
+
+``scripts/ggml_quants_lib.sh`` compiles ``ggml/src/ggml-quants.c`` of the pinned
+llama-cpp-python sdist into a small shared library (cached under ``~/.cache/lowbit/tools``;
+a few seconds plus the sdist download the first time); these tests call its
+``quantize_<type>(src, dst, nrow, n_per_row, quant_weights)``, the function
+``llama-quantize`` calls (the reference path without importance, the weighted one with
+it), and ``dequantize_row_<type>`` through ctypes, on awkward random tensors, and compare
+with lowbit's torch code. Skipped (saying why) where the library cannot be built.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lowbit.formats.gguf_blocks import BLOCK_TYPES, dequantize_ggml, quantize_ggml
+from lowbit.formats.gguf_types import GGML_TYPES
+from test_gguf_blocks import awkward_matrix, same_bits
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "ggml_quants_lib.sh"
+TYPES = list(BLOCK_TYPES)
+
+
+@pytest.fixture(scope="module")
+def ggml():
+    if shutil.which("gcc") is None:
+        pytest.skip("gcc is needed to build llama.cpp's ggml-quants.c")
+    done = subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, timeout=600)
+    if done.returncode:
+        pytest.skip(f"could not build ggml-quants ({SCRIPT.name}): {done.stderr.strip()[-300:]}")
+    return ctypes.CDLL(done.stdout.strip().splitlines()[-1])
+
+
+def c_quantize(lib, type_name: str, m: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
+    g = GGML_TYPES[type_name]
+    src = np.ascontiguousarray(m.numpy(), dtype=np.float32)
+    rows, columns = src.shape
+    dst = np.zeros((rows, columns // g.block_size * g.block_bytes), np.uint8)
+    weights = None if importance is None else np.ascontiguousarray(importance.numpy(), dtype=np.float32)
+    fn = getattr(lib, f"quantize_{type_name.lower()}")
+    fn.restype = ctypes.c_size_t
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    written = fn(src.ctypes.data, dst.ctypes.data, rows, columns, None if weights is None else weights.ctypes.data)
+    assert written == dst.size
+    return torch.from_numpy(dst)
+
+
+def c_dequantize(lib, type_name: str, raw: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    src = np.ascontiguousarray(raw.numpy())
+    out = np.zeros(shape, np.float32)
+    fn = getattr(lib, f"dequantize_row_{type_name.lower()}")
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    fn(src.ctypes.data, out.ctypes.data, out.size)
+    return torch.from_numpy(out)
+
+
+def importance_for(columns: int, seed: int) -> torch.Tensor:
+    """imatrix-like: mean squares of activations, spread over decades, a few exact zeros."""
+    g = torch.Generator().manual_seed(100 + seed)
+    values = torch.exp(torch.randn(columns, generator=g) * 2)
+    values[::17] = 0
+    return values
+
+
+@pytest.mark.parametrize("weighted", [False, True], ids=["ref", "imatrix"])
+@pytest.mark.parametrize("type_name", TYPES)
+def test_quantize_bytes_equal_llama_cpp(ggml, type_name, weighted):
+    for seed in range(3):
+        m = awkward_matrix(type_name, seed)
+        importance = importance_for(m.shape[1], seed) if weighted else None
+        ours = quantize_ggml(type_name, m, importance)
+        theirs = c_quantize(ggml, type_name, m, importance)
+        differing = (ours != theirs).any(1).nonzero().flatten().tolist()
+        assert not differing, f"{type_name} seed {seed}: rows {differing} differ from llama.cpp"
+
+
+@pytest.mark.parametrize("type_name", TYPES)
+def test_quantize_bytes_equal_llama_cpp_wide_rows(ggml, type_name):
+    """A wider, plainer matrix (many blocks per row: the row statistics of the weighted path)."""
+    g = torch.Generator().manual_seed(7)
+    m = torch.randn(16, 2048, generator=g) * 0.02
+    importance = importance_for(2048, 7)
+    for weights in (None, importance):
+        assert torch.equal(quantize_ggml(type_name, m, weights), c_quantize(ggml, type_name, m, weights))
+
+
+@pytest.mark.parametrize("type_name", TYPES)
+def test_dequantize_equals_llama_cpp(ggml, type_name):
+    g = GGML_TYPES[type_name]
+    raw = torch.randint(0, 256, (6, 3 * g.block_bytes), generator=torch.Generator().manual_seed(11), dtype=torch.uint8)
+    shape = (6, 3 * g.block_size)
+    ours, theirs = dequantize_ggml(type_name, raw, shape), c_dequantize(ggml, type_name, raw, shape)
+    finite = torch.isfinite(theirs)
+    assert torch.equal(finite, torch.isfinite(ours)) and same_bits(ours[finite], theirs[finite])
+    m = awkward_matrix(type_name, 5)
+    raw = c_quantize(ggml, type_name, m, None)
+    assert same_bits(dequantize_ggml(type_name, raw, tuple(m.shape)), c_dequantize(ggml, type_name, raw, tuple(m.shape)))
+
+
+def test_library_is_cached_outside_the_checkout(ggml):
+    path = Path(ggml._name)
+    assert path.is_file() and Path(__file__).resolve().parents[1] not in path.parents
+    assert os.access(path, os.R_OK)
