@@ -49,6 +49,7 @@ key names are used as they are.
 from __future__ import annotations
 
 import json
+import os
 import re
 import tempfile
 from dataclasses import dataclass
@@ -158,37 +159,63 @@ def tokenizer_metadata(source, vocab_size: int | None = None) -> list[MetadataEn
 
 def _from_gguf(path: Path) -> list[MetadataEntry]:
     """Every ``tokenizer.*`` key of a GGUF file, with its types; strings as the file's bytes."""
-    from gguf import GGUFReader, GGUFValueType
-
-    from lowbit.sources import check_gguf
-
-    check_gguf(path)  # bounded header walk first: GGUFReader trusts the file's counts
-    reader = GGUFReader(path)
-    entries = []
-    for key, field in reader.fields.items():
-        if not key.startswith("tokenizer."):
-            continue
-        kind = field.types[0]
-        if kind == GGUFValueType.ARRAY:
-            item = field.types[-1]
-            if len(field.types) != 2:
-                raise LowbitError(f"{path}: key {key!r} is an array of arrays; lowbit copies flat tokenizer arrays only")
-            values = [_field_item(field.parts[index], item) for index in field.data]
-            entries.append(MetadataEntry(key, values, kind, item))
-        else:
-            entries.append(MetadataEntry(key, _field_item(field.parts[field.data[0]], kind), kind))
+    entries = [entry for entry in read_metadata(path) if entry.key.startswith("tokenizer.")]
     if not any(entry.key == "tokenizer.ggml.tokens" for entry in entries):
         raise LowbitError(f"{path} holds no tokenizer (no tokenizer.ggml.tokens); give the model's HF directory instead")
     return entries
 
 
-def _field_item(part, kind):
-    """One GGUF value from gguf-py's parts: bytes for strings, a Python scalar otherwise."""
+def read_metadata(path: str | os.PathLike) -> list[MetadataEntry]:
+    """Every key of a GGUF file's metadata, in file order: strings as bytes, numeric arrays as lists.
+
+    The header is first walked by lowbit's bounded reader (``sources.check_gguf``: counts, lengths
+    and tensors checked against the file), then decoded here; gguf-py's ``GGUFReader`` would do it
+    too, but takes seconds for a 50,000-token vocabulary (a numpy view per string)."""
+    import mmap
+
+    import numpy as np
     from gguf import GGUFValueType
 
-    if kind == GGUFValueType.STRING:
-        return part.tobytes()
-    return part.tolist()[0]
+    from lowbit.sources import check_gguf
+
+    path = Path(path)
+    check_gguf(path)
+    numeric = {0: "u1", 1: "i1", 2: "u2", 3: "i2", 4: "u4", 5: "i4", 6: "f4", 7: "?", 10: "u8", 11: "i8", 12: "f8"}
+    with open(path, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        position = 24
+
+        def take(count: int) -> bytes:
+            nonlocal position
+            position += count
+            return data[position - count : position]
+
+        def string() -> bytes:
+            return take(int.from_bytes(take(8), "little"))
+
+        def scalar(kind: int):
+            if kind == GGUFValueType.STRING:
+                return string()
+            dtype = np.dtype(numeric[kind]).newbyteorder("<")
+            return np.frombuffer(take(dtype.itemsize), dtype)[0].item()
+
+        entries = []
+        for _ in range(int.from_bytes(data[16:24], "little")):
+            key = string().decode("utf-8", errors="replace")
+            kind = GGUFValueType(int.from_bytes(take(4), "little"))
+            if kind != GGUFValueType.ARRAY:
+                entries.append(MetadataEntry(key, scalar(kind), kind))
+                continue
+            item = GGUFValueType(int.from_bytes(take(4), "little"))
+            length = int.from_bytes(take(8), "little")
+            if item == GGUFValueType.ARRAY:
+                raise LowbitError(f"{path}: key {key!r} is an array of arrays; lowbit reads flat arrays only")
+            if item == GGUFValueType.STRING:
+                values = [string() for _ in range(length)]
+            else:
+                dtype = np.dtype(numeric[item]).newbyteorder("<")
+                values = np.frombuffer(take(length * dtype.itemsize), dtype).tolist()
+            entries.append(MetadataEntry(key, values, kind, item))
+    return entries
 
 
 # -- from a HF tokenizer ------------------------------------------------------------------
