@@ -27,6 +27,7 @@ from torch import nn
 
 from lowbit.errors import LowbitError, UnknownNameError
 from lowbit.export import native
+from lowbit.export import awq, compressed_tensors, gptq
 from lowbit.formats import Format
 from lowbit.nn import quantized_linears
 
@@ -89,3 +90,7 @@ register(
         lambda model, path, tokenizer, overwrite: native.save_native(model, path, tokenizer, overwrite=overwrite),
     )
 )
+register(Exporter("compressed-tensors", "vLLM, transformers (compressed-tensors)", compressed_tensors.carries, compressed_tensors.write))
+register(Exporter("gptq", "GPTQModel, transformers, vLLM (GPTQ v1 zeros)", gptq.carries, gptq.writer("gptq")))
+register(Exporter("gptq-v2", "GPTQModel, vLLM (GPTQ v2 zeros)", gptq.carries, gptq.writer("gptq-v2")))
+register(Exporter("awq", "AutoAWQ, GPTQModel, transformers, vLLM (AWQ GEMM)", awq.carries, awq.write))
