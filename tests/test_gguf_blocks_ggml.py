@@ -39,13 +39,18 @@ def ggml():
     return ctypes.CDLL(done.stdout.strip().splitlines()[-1])
 
 
+def c_name(type_name: str) -> str:
+    """The C spelling in function names: ``q4_0``, ``q4_K``, ``iq4_xs``."""
+    return type_name.lower().replace("_k", "_K")
+
+
 def c_quantize(lib, type_name: str, m: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
     g = GGML_TYPES[type_name]
     src = np.ascontiguousarray(m.numpy(), dtype=np.float32)
     rows, columns = src.shape
     dst = np.zeros((rows, columns // g.block_size * g.block_bytes), np.uint8)
     weights = None if importance is None else np.ascontiguousarray(importance.numpy(), dtype=np.float32)
-    fn = getattr(lib, f"quantize_{type_name.lower()}")
+    fn = getattr(lib, f"quantize_{c_name(type_name)}")
     fn.restype = ctypes.c_size_t
     fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
     written = fn(src.ctypes.data, dst.ctypes.data, rows, columns, None if weights is None else weights.ctypes.data)
@@ -56,7 +61,7 @@ def c_quantize(lib, type_name: str, m: torch.Tensor, importance: torch.Tensor | 
 def c_dequantize(lib, type_name: str, raw: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
     src = np.ascontiguousarray(raw.numpy())
     out = np.zeros(shape, np.float32)
-    fn = getattr(lib, f"dequantize_row_{type_name.lower()}")
+    fn = getattr(lib, f"dequantize_row_{c_name(type_name)}")
     fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
     fn(src.ctypes.data, out.ctypes.data, out.size)
     return torch.from_numpy(out)

@@ -34,12 +34,12 @@ FORMAT_CLASSES: dict[str, type[Format]] = {
 EXAMPLE_NAMES = (
     "fp32", "bf16", "fp16",
     "int8", "int8-tensor", "w8-g128 (int8-g128)", "int4-g128", "int4-g32", "int4-sym-g128", "int3-g128", "int2-g64",
-    "nf4", "nf4-dq", "fp8", "fp8-e5m2", "fp8-tensor", "mxfp4", "gguf-q8_0", "gguf-q4_0",
+    "nf4", "nf4-dq", "fp8", "fp8-e5m2", "fp8-tensor", "mxfp4", "gguf-q8_0", "gguf-q4_k", "gguf-iq4_xs",
 )  # fmt: skip
 
 NAME_GRAMMAR = (
     "int{2..8}[-sym|-asym][-g{N}|-ch|-tensor], nf4[-dq][-g{N}], fp8[-e4m3|-e5m2][-tensor], mxfp4, fp32, bf16, fp16, "
-    "gguf-{q8_0|q4_0|q4_1|q5_0|q5_1}"
+    "gguf-{q8_0|q4_0|q4_1|q5_0|q5_1|q2_k|q3_k|q4_k|q5_k|q6_k|iq4_nl|iq4_xs}"
 )
 
 

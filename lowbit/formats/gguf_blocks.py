@@ -35,11 +35,13 @@ import torch
 from lowbit.errors import LowbitError
 from lowbit.formats.base import Format, ScaleGroups, check_finite, check_matrix, column_range
 from lowbit.formats.gguf_block import BlockType, Fields
+from lowbit.formats.gguf_iq import IQ_TYPES
+from lowbit.formats.gguf_kquants import K_TYPES
 from lowbit.formats.gguf_legacy import LEGACY_TYPES
 from lowbit.qtensor import QTensor
 
 #: every block type lowbit quantizes, by ggml type name
-BLOCK_TYPES: dict[str, BlockType] = {block.name: block for block in (*LEGACY_TYPES,)}
+BLOCK_TYPES: dict[str, BlockType] = {block.name: block for block in (*LEGACY_TYPES, *K_TYPES, *IQ_TYPES)}
 
 NAME_PATTERN = re.compile(r"^gguf-([a-z0-9_]+)$")
 

@@ -148,11 +148,12 @@ def make_q3_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tens
 
 
 def make_qkx_quants(
-    x: torch.Tensor, weights: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int
+    x: torch.Tensor, weights: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int, use_mad: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``make_qkx2_quants`` / ``make_qkx3_quants`` with weights and ``use_mad=false`` (the two
-    are the same code then): scale, ``the_min`` (``-min`` >= 0) and codes ``0..nmax`` of an
-    asymmetric grid, searching ``nstep + 1`` candidate scales by weighted least squares."""
+    """``make_qkx2_quants`` / ``make_qkx3_quants`` with weights (the two are the same code
+    then): scale, ``the_min`` (``-min`` >= 0) and codes ``0..nmax`` of an asymmetric grid,
+    searching ``nstep + 1`` candidate scales by weighted least squares; candidates are
+    scored by the weighted squared error, or the absolute one with ``use_mad``."""
     low, high = first_min_max(x)
     low = torch.where(low > 0, torch.zeros_like(low), low)
     flat = high == low
@@ -165,7 +166,7 @@ def make_qkx_quants(
 
     def error(scale: torch.Tensor, minimum: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
         diff = scale.unsqueeze(-1) * level + minimum.unsqueeze(-1) - x
-        return seq_sum(weights * (diff * diff))
+        return seq_sum(weights * (diff.abs() if use_mad else diff * diff))
 
     iscale = f32(nmax) / span
     scale = f32(1) / iscale

@@ -5,10 +5,12 @@ A ggml type stores a row in blocks: ``block_size`` weights take ``block_bytes`` 
 block. ``type_id`` is the number a GGUF file writes for the type (``ggml_type``, gguf-py's
 ``GGMLQuantizationType``). ``TENSOR_TYPE_FALLBACK`` is what ``llama-quantize`` uses instead
 when a row is not a multiple of the block (``tensor_type_fallback`` in src/llama-quant.cpp);
-when the fallback's block does not divide the row either, it writes F16.
+when the fallback's block does not divide the row either, it writes F16 (a 32-block type
+whose block does not divide the row goes to F16 directly). Checked against
+``tensor_type_fallback`` of llama-cpp-python 0.3.36's vendored llama.cpp.
 
-Geometry only: quantizing to these types (and registering them as formats) is the GGUF
-formats' job.
+Geometry only: the types themselves (quantize, dequantize, the struct bytes) are the GGUF
+block formats, ``gguf_blocks.py``.
 """
 
 from __future__ import annotations

@@ -1,0 +1,165 @@
+"""llama.cpp's non-linear 4-bit types: IQ4_NL (blocks of 32) and IQ4_XS (super-blocks of 256).
+
+Codes index the 16 values of ``kvalues_iq4nl`` (-127 … 113), times a scale: IQ4_NL stores one
+float16 ``d`` per block of 32; IQ4_XS one float16 ``d`` per 256 and a 6-bit scale ``ls`` per
+sub-block of 32 (``w = d*(ls - 32) * value``), low nibbles in ``scales_l``, high bits in ``scales_h``.
+
+Quantization follows ``quantize_row_iq4_nl_impl`` as ``quantize_iq4_nl`` and
+``quantize_iq4_xs`` call it (what ``llama-quantize`` runs, with or without an imatrix;
+``ntry = 7``): per sub-block, a first scale from the extreme value, then 15 candidate
+inverse scales scored by the weighted least-squares gain; weights are ``x*x`` or
+``qw * sqrt(sigma2 + x*x)``. The codes are then re-chosen against the final (IQ4_XS: the
+6-bit quantized) scale.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lowbit.formats.gguf_block import BlockType, Fields, half_bytes, half_from, nibbles, row_importance, split_nibbles
+from lowbit.formats.gguf_numerics import GROUP_MAX_EPS, f32, first_absmax, nearest_int, seq_sum, sqrtf, to_fp16
+
+KVALUES_IQ4NL = torch.tensor([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=torch.float32)
+NTRY = 7
+
+
+def best_index(x: torch.Tensor) -> torch.Tensor:
+    """``best_index_int8(16, kvalues_iq4nl, x)``: the nearest value's index, ties to the upper one."""
+    values = KVALUES_IQ4NL.to(x.device)
+    upper = torch.bucketize(x, values, right=True).clamp(1, 15)  # first value > x
+    below, above = values[upper - 1], values[upper]
+    index = torch.where(x - below < above - x, upper - 1, upper)
+    index = torch.where(x <= values[0], 0, index)
+    return torch.where(x >= values[15], 15, index)
+
+
+def _inverse(d: torch.Tensor) -> torch.Tensor:
+    """``d ? 1/d : 0``."""
+    return torch.where(d != 0, f32(1) / torch.where(d != 0, d, torch.ones_like(d)), torch.zeros_like(d))
+
+
+def search_scales(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The per-block loop of ``quantize_row_iq4_nl_impl``: the scale of each ``(blocks, 32)``
+    block (0 for a block below ``GROUP_MAX_EPS``)."""
+    amax, top = first_absmax(x)
+    empty = amax < GROUP_MAX_EPS
+    top = torch.where(empty, torch.ones_like(top), top)
+    values = KVALUES_IQ4NL.to(x.device)
+
+    def sums(inverse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        q = values[best_index(inverse.unsqueeze(-1) * x)]
+        wq = weights * q
+        return seq_sum(wq * x), seq_sum(wq * q)
+
+    d = -top / values[0]
+    sumqx, sumq2 = sums(f32(1) / d)
+    d = torch.where(sumq2 > 0, sumqx / sumq2, torch.zeros_like(sumqx))
+    best = d * sumqx
+    for step in range(-NTRY, NTRY + 1):
+        sumqx, sumq2 = sums(f32(step + int(values[0])) / top)
+        better = (sumq2 > 0) & (sumqx * sumqx > best * sumq2)
+        d = torch.where(better, sumqx / sumq2, d)
+        best = torch.where(better, d * sumqx, best)
+    return torch.where(empty, torch.zeros_like(d), d)
+
+
+def _weights(x: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
+    """``(rows, blocks, n)`` super-blocks -> the weight of each element: ``x*x`` without
+    importance, else ``qw * sqrtf(sigma2 + x*x)`` with ``sigma2 = sum(x*x) * (2/n)``."""
+    if importance is None:
+        return x * x
+    sigma2 = seq_sum(x * x) * (f32(2) / f32(x.shape[-1]))
+    return row_importance(importance, x.shape[0]) * sqrtf(sigma2.unsqueeze(-1) + x * x)
+
+
+def _codes(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return best_index(_inverse(scale).unsqueeze(-1) * x).to(torch.uint8)
+
+
+def _pack_codes(codes: torch.Tensor) -> torch.Tensor:
+    """Per 32 codes: 16 bytes ``L[j] | L[j + 16] << 4``."""
+    pairs = codes.reshape(*codes.shape[:-1], -1, 2, 16)
+    return nibbles(pairs[..., 0, :], pairs[..., 1, :]).reshape(*codes.shape[:-1], codes.shape[-1] // 2)
+
+
+def _unpack_codes(packed: torch.Tensor) -> torch.Tensor:
+    low, high = split_nibbles(packed.reshape(*packed.shape[:-1], -1, 16))
+    return torch.stack([low, high], -2).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
+
+
+@dataclass(frozen=True)
+class IQ4NL(BlockType):
+    name: str = "IQ4_NL"
+
+    def quantize(self, x: torch.Tensor, importance: torch.Tensor | None) -> tuple[Fields, torch.Tensor]:
+        weights = _weights(x, importance)
+        scale = search_scales(x.reshape(-1, 32), weights.reshape(-1, 32)).reshape(x.shape[:-1])
+        return {"d": to_fp16(scale)}, _codes(x, scale)
+
+    def encode(self, x: torch.Tensor, fields: Fields) -> torch.Tensor:
+        return _codes(x, fields["d"].float())
+
+    def decode(self, codes: torch.Tensor, fields: Fields) -> torch.Tensor:
+        return fields["d"].float().unsqueeze(-1) * KVALUES_IQ4NL.to(codes.device)[codes.long()]
+
+    def to_bytes(self, codes: torch.Tensor, fields: Fields) -> torch.Tensor:
+        return torch.cat([half_bytes(fields["d"]), _pack_codes(codes)], -1)
+
+    def from_bytes(self, raw: torch.Tensor) -> tuple[Fields, torch.Tensor]:
+        return {"d": half_from(raw, 0)}, _unpack_codes(raw[..., 2:])
+
+
+@dataclass(frozen=True)
+class IQ4XS(BlockType):
+    name: str = "IQ4_XS"
+
+    def quantize(self, x: torch.Tensor, importance: torch.Tensor | None) -> tuple[Fields, torch.Tensor]:
+        lead = x.shape[:-1]
+        weights = _weights(x, importance)
+        scales = search_scales(x.reshape(-1, 32), weights.reshape(-1, 32)).reshape(*lead, 8)
+        _, max_scale = first_absmax(scales)
+        d = -max_scale / f32(32)
+        level = nearest_int(_inverse(d).unsqueeze(-1) * scales).clamp(-32, 31)
+        sub = d.unsqueeze(-1) * level.float()  # dl: the float d, not the stored float16
+        codes = _codes(x.reshape(*lead, 8, 32), sub).reshape(x.shape)
+        return self._fields(to_fp16(d), level + 32), codes
+
+    @staticmethod
+    def _fields(d: torch.Tensor, levels: torch.Tensor) -> Fields:
+        low = (levels & 0xF).reshape(*levels.shape[:-1], 4, 2)
+        scales_l = (low[..., 0] | (low[..., 1] << 4)).to(torch.uint8)
+        scales_h = (((levels >> 4) & 3) << (2 * torch.arange(8, device=levels.device))).sum(-1)
+        return {"d": d, "scales_h": scales_h.to(torch.int16), "scales_l": scales_l}
+
+    @staticmethod
+    def _sub_scales(fields: Fields) -> torch.Tensor:
+        low = fields["scales_l"].long()
+        low = torch.stack([low & 0xF, low >> 4], -1).reshape(*low.shape[:-1], 8)
+        high = (fields["scales_h"].long() & 0xFFFF).unsqueeze(-1) >> (2 * torch.arange(8, device=low.device))
+        return fields["d"].float().unsqueeze(-1) * ((low | ((high & 3) << 4)) - 32).float()
+
+    def encode(self, x: torch.Tensor, fields: Fields) -> torch.Tensor:
+        sub = self._sub_scales(fields)
+        return _codes(x.reshape(*x.shape[:-1], 8, 32), sub).reshape(x.shape)
+
+    def decode(self, codes: torch.Tensor, fields: Fields) -> torch.Tensor:
+        sub = self._sub_scales(fields).unsqueeze(-1)
+        values = KVALUES_IQ4NL.to(codes.device)[codes.long()].reshape(*codes.shape[:-1], 8, 32)
+        return (sub * values).reshape(codes.shape)
+
+    def to_bytes(self, codes: torch.Tensor, fields: Fields) -> torch.Tensor:
+        scales_h = fields["scales_h"].contiguous().unsqueeze(-1).view(torch.uint8)
+        return torch.cat([half_bytes(fields["d"]), scales_h, fields["scales_l"], _pack_codes(codes)], -1)
+
+    def from_bytes(self, raw: torch.Tensor) -> tuple[Fields, torch.Tensor]:
+        fields = {
+            "d": half_from(raw, 0),
+            "scales_h": raw[..., 2:4].contiguous().view(torch.int16).squeeze(-1),
+            "scales_l": raw[..., 4:8].contiguous(),
+        }
+        return fields, _unpack_codes(raw[..., 8:])
+
+
+IQ_TYPES = (IQ4NL(), IQ4XS())
