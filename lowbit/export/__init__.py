@@ -26,7 +26,7 @@ from typing import Callable
 from torch import nn
 
 from lowbit.errors import LowbitError, UnknownNameError
-from lowbit.export import native
+from lowbit.export import mlx, native
 from lowbit.export import awq, compressed_tensors, gptq
 from lowbit.formats import Format
 from lowbit.nn import quantized_linears
@@ -88,6 +88,14 @@ register(
         "lowbit.load, lowbit eval / generate / inspect",
         lambda fmt: None,  # every lowbit format, as it is
         lambda model, path, tokenizer, overwrite: native.save_native(model, path, tokenizer, overwrite=overwrite),
+    )
+)
+register(
+    Exporter(
+        "mlx",
+        "mlx-lm (Apple silicon)",
+        mlx.carries,
+        lambda model, path, tokenizer, overwrite: mlx.save_mlx(model, path, tokenizer, overwrite=overwrite),
     )
 )
 register(Exporter("compressed-tensors", "vLLM, transformers (compressed-tensors)", compressed_tensors.carries, compressed_tensors.write))
