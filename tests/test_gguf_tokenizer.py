@@ -237,7 +237,7 @@ def test_gguf_source_keys_are_copied_exactly(tmp_path):
     copied = tokenizer_metadata(tmp_path / "source.gguf")
     assert [(e.key, e.type, e.item_type) for e in copied] == [(e.key, e.type, e.item_type) for e in written]
     for ours, theirs in zip(copied, written):
-        decode = lambda v: v.decode() if isinstance(v, bytes) else v  # noqa: E731  (strings are copied as bytes)
+        decode = lambda v: v.decode() if isinstance(v, bytes) else v
         expected = [decode(v) for v in theirs.value] if isinstance(theirs.value, list) else theirs.value
         got = [decode(v) for v in ours.value] if isinstance(ours.value, list) else decode(ours.value)
         assert got == expected, ours.key
@@ -278,10 +278,10 @@ def smollm2():
 
 
 def test_smollm2_from_gguf_and_from_hf_files_agree(smollm2):
-    path, hf_tokenizer = smollm2
+    _, hf_tokenizer = smollm2
     from_gguf = values(tokenizer_metadata("smollm2-135m"))
     from_hf = values(tokenizer_metadata(hf_tokenizer, vocab_size=49152))
-    as_text = lambda items: [v.decode() if isinstance(v, bytes) else v for v in items]  # noqa: E731
+    as_text = lambda items: [v.decode() if isinstance(v, bytes) else v for v in items]
     assert from_hf["tokenizer.ggml.model"] == from_gguf["tokenizer.ggml.model"].decode() == "gpt2"
     assert from_hf["tokenizer.ggml.pre"] == from_gguf["tokenizer.ggml.pre"].decode() == "smollm"  # by hash
     assert from_hf["tokenizer.ggml.tokens"] == as_text(from_gguf["tokenizer.ggml.tokens"])

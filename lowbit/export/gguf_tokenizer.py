@@ -52,10 +52,10 @@ import json
 import os
 import re
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from hashlib import sha256
 from pathlib import Path
-from typing import Callable
 
 from lowbit.errors import LowbitError
 
@@ -97,7 +97,7 @@ NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 ADDED_TOKEN_SCORE = -1000.0
 BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 #: added tokens llama.cpp's converter marks control even when the tokenizer does not call them special
-LOOKS_SPECIAL = re.compile(r"^(<\|.*\|>|<｜.*｜>|<unused.*>|<pad>|<mask>|<2mass>|\[@BOS@\])$", re.S)
+LOOKS_SPECIAL = re.compile(r"^(<\|.*\|>|<｜.*｜>|<unused.*>|<pad>|<mask>|<2mass>|\[@BOS@\])$", re.DOTALL)
 #: architectures whose sentencepiece tokenizer prepends no space (llama.cpp's converter says so for them)
 NO_SPACE_PREFIX = ("gemma", "gemma2", "gemma3")
 #: special tokens whose ids a GGUF file records
