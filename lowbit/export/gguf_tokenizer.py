@@ -256,7 +256,7 @@ def _from_hf_directory(directory: Path, vocab_size: int | None) -> list[Metadata
             index = getattr(tokenizer, f"{kind}_token_id", None)
             if kind not in special.special_token_ids and isinstance(index, int) and 0 <= index < count:
                 special.special_token_ids[kind] = index
-        special.add_special_token["bos"], special.add_special_token["eos"] = _adds_special_tokens(tokenizer)
+        special.add_special_token["bos"], special.add_special_token["eos"] = adds_special_tokens(tokenizer)
         special.add_to_gguf(writer, quiet=True)
 
     return _collect(fill_all)
@@ -434,7 +434,7 @@ def _llama_fill(tokens, scores, types) -> Callable[[object], int]:
     return fill
 
 
-def _adds_special_tokens(tokenizer) -> tuple[bool, bool]:
+def adds_special_tokens(tokenizer) -> tuple[bool, bool]:
     """Whether the tokenizer puts its BOS first / its EOS last when it encodes plain text."""
     bare = tokenizer.encode("a", add_special_tokens=False)
     full = tokenizer.encode("a", add_special_tokens=True)

@@ -106,11 +106,10 @@ class ChatSpec:
         template = getattr(tokenizer, "chat_template", None)
         if not isinstance(template, str):
             raise LowbitError("the tokenizer has no chat template; an Ollama TEMPLATE cannot be derived")
+        from lowbit.export.gguf_tokenizer import adds_special_tokens
+
         specials = tuple(token.content for token in tokenizer.added_tokens_decoder.values())
-        bare = tokenizer.encode("a", add_special_tokens=False)
-        full = tokenizer.encode("a", add_special_tokens=True)
-        add_bos = tokenizer.bos_token_id is not None and len(full) > len(bare) and full[0] == tokenizer.bos_token_id
-        return cls(template, tokenizer.bos_token, tokenizer.eos_token, specials, add_bos)
+        return cls(template, tokenizer.bos_token, tokenizer.eos_token, specials, adds_special_tokens(tokenizer)[0])
 
 
 @dataclass(frozen=True)
