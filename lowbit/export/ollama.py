@@ -31,7 +31,8 @@ open (no end-of-turn), so the model continues it. The BOS the template writes at
 the prompt is left out when the GGUF file says ``add_bos_token`` (llama.cpp adds it; writing it
 too would double it); Llama 2's BOS before every later ``[INST]`` stays.
 Content is written as it is: a template that trims messages (Llama 3's ``| trim``) differs
-only for content with leading or trailing whitespace.
+only for content with leading or trailing whitespace. Messages of other roles (``tool``) and
+tool definitions are not written.
 
 **The Go template semantics relied on** (tested by a small evaluator in
 ``tests/test_ollama.py``, since Ollama cannot be installed here): every literal is a quoted Go
