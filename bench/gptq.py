@@ -87,11 +87,13 @@ def lowbit_row(label, plan, base, calibration, windows, reference) -> dict:
     return {**row, **evaluate_windows(model, windows, reference, progress=False)}
 
 
-def peer_row(label, python, work, base, windows, reference) -> dict:
-    bits, group_size = PEERS[label]
+def peer_row(label, python, work, base, windows, reference, worker: Path = WORKER, setting: tuple[int, int] | None = None) -> dict:
+    """Run an llm-compressor ``worker`` (``MODEL_DIR CALIBRATION OUT BITS GROUP_SIZE``; default the
+    GPTQ one, ``setting`` default ``PEERS[label]``) and evaluate the weights it writes in a copy of ``base``."""
+    bits, group_size = setting or PEERS[label]
     out = f"{work}/peer-{bits}.safetensors"
     load = load_average()
-    command = [str(python), str(WORKER), f"{work}/float", f"{work}/calibration.safetensors", out, str(bits), str(group_size)]
+    command = [str(python), str(worker), f"{work}/float", f"{work}/calibration.safetensors", out, str(bits), str(group_size)]
     done = subprocess.run(command, check=False, capture_output=True, text=True)
     if done.returncode != 0:
         return {"scheme": label, "error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"}

@@ -79,6 +79,9 @@ class AlgorithmConfig:
     #: whether the algorithm folds scales into the modules before its linears (AWQ, SmoothQuant):
     #: the pipeline refuses it up front for a family whose table entry has no fold
     folds_scales: ClassVar[bool] = False
+    #: whether the method serves weight-only schemes (False: SmoothQuant, which prepares linears
+    #: for 8-bit activations; the recipe's 4-bit ladder leaves it out)
+    weight_only: ClassVar[bool] = True
 
     def statistics(self) -> frozenset[str]:
         """The input statistics this configuration uses when calibration text is given."""
@@ -153,8 +156,9 @@ def config_class(method: str) -> type[AlgorithmConfig]:
     return _METHODS[method]
 
 
-def method_names() -> list[str]:
-    return sorted(_METHODS)
+def method_names(weight_only: bool = False) -> list[str]:
+    """The registered methods (only those that serve weight-only schemes, with ``weight_only``)."""
+    return sorted(name for name, config in _METHODS.items() if config.weight_only or not weight_only)
 
 
 def handler_for(config: AlgorithmConfig) -> Handler:

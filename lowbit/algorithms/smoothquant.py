@@ -48,6 +48,7 @@ class SmoothQuantConfig(AlgorithmConfig):
 
     method = "smoothquant"
     folds_scales = True
+    weight_only = False
     alpha: float = 0.5
 
     def __post_init__(self) -> None:

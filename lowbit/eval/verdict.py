@@ -60,8 +60,8 @@ class Rung:
 
 def ladder(methods: Sequence[str] | None = None) -> list[Rung]:
     """The recipe's rungs in order: int8, int4-g128, then int4-g128 with each calibrated
-    method that exists (``+clip``, then every registered method other than RTN)."""
-    methods = method_names() if methods is None else list(methods)
+    method that exists (``+clip``, then every registered weight-only method other than RTN)."""
+    methods = method_names(weight_only=True) if methods is None else list(methods)
     rungs = [Rung(EIGHT_BIT_SCHEME), Rung(FOUR_BIT_FORMAT), Rung(f"{FOUR_BIT_FORMAT}+clip")]
     rungs += [Rung(FOUR_BIT_FORMAT, name) for name in methods if name != "rtn"]
     return rungs
