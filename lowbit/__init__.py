@@ -29,9 +29,22 @@ from lowbit.formats import get_format
 from lowbit.plan import PRESETS, Plan
 from lowbit.qtensor import QTensor
 from lowbit.sources import DEFAULT_MODEL
+from lowbit.integrations import register_with_transformers
 
 __all__ = [
-    "DEFAULT_MODEL", "DEFAULT_SCHEME", "DEFAULT_SCHEMES", "GPTQConfig", "PRESETS", "QUALITY_BUDGETS", "LowbitError", "Plan", "QTensor", "RTNConfig",
+    "DEFAULT_MODEL", "DEFAULT_SCHEME", "DEFAULT_SCHEMES", "GPTQConfig", "LowbitConfig", "PRESETS", "QUALITY_BUDGETS", "LowbitError", "Plan", "QTensor", "RTNConfig",
     "__version__", "compare", "method_names", "evaluate", "export", "exporter_names", "generate", "get_format", "inspect", "load",
     "quantize", "recipe", "save", "size",
 ]  # fmt: skip
+
+
+def __getattr__(name: str):
+    # LowbitConfig subclasses transformers' quantization config: imported on first use only
+    if name == "LowbitConfig":
+        from lowbit.integrations.transformers import LowbitConfig
+
+        return LowbitConfig
+    raise AttributeError(f"module 'lowbit' has no attribute {name!r}")
+
+
+register_with_transformers()  # last: registration may import lowbit's own modules

@@ -65,7 +65,7 @@ def _model_and_tokenizer(model: ModelLike, tokenizer=None, dtype=None, lazy: boo
     if source.kind == "native":
         from lowbit.export.native import load_native
 
-        loaded, loaded_tokenizer = load_native(source.path)
+        loaded, loaded_tokenizer = load_native(source.path, dtype=getattr(torch, dtype) if isinstance(dtype, str) else dtype)
     else:
         loaded, loaded_tokenizer, source = load_model(source, dtype=dtype, lazy=lazy)
     loaded.lowbit_tokenizer = tokenizer or loaded_tokenizer
@@ -120,20 +120,26 @@ def _check_batch_size(batch_size: int) -> None:
         raise LowbitError(f"the batch size must be a whole number of at least 1, got {batch_size!r}")
 
 
-def kept_dtype(model: nn.Module, keep_dtype: torch.dtype | None = None) -> torch.dtype | None:
-    """The dtype the unquantized tensors of ``model`` are stored in once it is quantized.
+def kept_dtype(model: nn.Module, keep_dtype: torch.dtype | None = None) -> torch.dtype:
+    """The dtype the unquantized tensors of ``model`` (embeddings, norms, a kept ``lm_head``)
+    are *stored* in once it is quantized; the model keeps computing in its own dtype.
 
-    ``keep_dtype`` when given; else the 16-bit dtype its config declares (bf16 or fp16);
-    else None: left as loaded. A GGUF source declares none and stays float32 (as transformers
-    dequantizes it): casting it to bf16 would also make the model *compute* in bf16, which on
-    a CPU is several times slower for the dequantizing formats and moves the KL (int8 on
-    SmolLM2: 0.0029 -> 0.0042); ask for ``keep_dtype="bf16"`` to trade that for size.
+    ``keep_dtype`` when given (``torch.float32`` keeps float32); else the 16-bit dtype its
+    config declares (bf16 or fp16); else its own dtype when that is 16-bit; else float16 (a
+    float32 source such as a GGUF dequantized by transformers: the default SmolLM2's int4-g128
+    output shrinks from 168.8 to about 116 MB; bfloat16 instead where a value lies beyond
+    float16's range). Their values are rounded to it at once, so the model in memory is the
+    one a load of the checkpoint gives back, and they are upcast on load to the dtype the
+    model computes in (the config's ``dtype``).
     """
     if keep_dtype is not None:
         return keep_dtype
     declared = getattr(getattr(model, "config", None), "dtype", None)
     declared = getattr(torch, declared) if isinstance(declared, str) and hasattr(torch, declared) else declared
-    return declared if declared in (torch.bfloat16, torch.float16) else None
+    if declared in (torch.bfloat16, torch.float16):
+        return declared
+    own = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    return own if own in (torch.bfloat16, torch.float16) else torch.float16
 
 
 def _check_calibration(model: nn.Module, plan: Plan, calibration, samples: int, length: int) -> None:
@@ -194,9 +200,10 @@ def quantize(
     (``RTNConfig(clip_search=True)``); default RTN. ``calibration`` (a text file, or token ids ``(samples, length)``) feeds the algorithms that
     use activation statistics, such as the clipping search; when they are in the plan and no
     calibration is given, lowbit's built-in calibration text is used. ``device`` is where each
-    layer is worked on (default: CUDA when available, else CPU). ``keep_dtype``: the dtype of
-    the tensors that stay unquantized (embeddings, norms, a kept ``lm_head``); default the
-    source's 16-bit dtype (:func:`kept_dtype`), ``"fp32"`` to keep float32.
+    layer is worked on (default: CUDA when available, else CPU). ``keep_dtype``: the dtype the
+    tensors that stay unquantized (embeddings, norms, a kept ``lm_head``) are stored in; default
+    16 bits (:func:`kept_dtype`), ``"fp32"`` to store float32. The model computes in its own
+    dtype either way.
     """
     plan = resolve_scheme(scheme, method)
     keep = _parse_keep_dtype(keep_dtype)
@@ -449,7 +456,7 @@ class _Measurement:
             warnings.simplefilter("ignore")  # a calibration note per scheme would only repeat
             quantize_model(
                 candidate, plan, calibration=self.calibration, device=self.device, progress=self.progress,
-                keep_dtype=self.keep_dtype,
+                keep_dtype=self.keep_dtype, round_kept=False,  # the reference's own kept tensors: its summary holds
             )  # fmt: skip
         seconds = time.perf_counter() - start
         row = {"scheme": plan.name, **_describe(candidate), "quantization_seconds": seconds}

@@ -215,7 +215,9 @@ def _add_eval_options(parser: argparse.ArgumentParser, windows_help: str) -> Non
 def _add_keep_dtype(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--keep-dtype", choices=["fp32", "bf16", "fp16"],
-        help="dtype of the tensors left unquantized (embeddings, norms, lm_head); default the 16-bit dtype the source's config declares, else as loaded (float32 for a GGUF)",
+        help="dtype the tensors left unquantized (embeddings, norms, lm_head) are stored in; default 16 bits: the source config's "
+        "16-bit dtype, else float16 (bf16 where a value exceeds its range); fp32 stores float32. The model computes in the dtype "
+        "it was loaded in either way (kept tensors are upcast on load)",
     )  # fmt: skip
 
 

@@ -454,8 +454,8 @@ def round_kept_tensors(model: nn.Module, dtype: torch.dtype) -> torch.dtype:
     its own dtype: the model computes as before, and a checkpoint that stores these tensors in
     ``dtype`` loads back to exactly these values. Returns the dtype they can be stored in:
     ``dtype``, or bfloat16 when ``dtype`` is float16 and a value lies beyond its range (with a
-    warning). Each rounded tensor is new memory (``Parameter.data`` is replaced, so ties hold
-    and a copy sharing the tensors of another model leaves that model's alone)."""
+    warning). Tensors are rounded in place (ties hold, no second copy stays): a model sharing
+    its tensors with another (``compare``'s candidates) must not be rounded."""
     tensors = kept_tensors(model)
     if dtype == torch.float16:
         limit = torch.finfo(torch.float16).max
@@ -467,9 +467,6 @@ def round_kept_tensors(model: nn.Module, dtype: torch.dtype) -> torch.dtype:
         value = store[name]
         if value.dtype == dtype or (dtype == torch.float32 and value.dtype.itemsize < 4):
             continue  # already exactly representable in dtype
-        rounded = value.detach().to(dtype).to(value.dtype)
-        if isinstance(value, nn.Parameter):
-            value.data = rounded
-        else:
-            store[name] = rounded
+        with torch.no_grad():
+            value.copy_(value.to(dtype))
     return dtype

@@ -44,6 +44,7 @@ LAYERS = {
     "lowbit.imatrix_file": 3,
     "lowbit.importance": 3,
     "lowbit.api": 4,
+    "lowbit.integrations": 4,  # lowbit inside transformers and peft: uses the API
     "lowbit": 4,  # the package itself re-exports the API
     "lowbit.cli": 5,
     "lowbit.__main__": 5,

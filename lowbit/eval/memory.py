@@ -2,19 +2,28 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from lowbit.arch import decoder_layers
-from lowbit.nn import QuantLinear, is_linear, unique_state_dict
+from lowbit.nn import PART_PREFIX, QuantLinear, is_linear, unique_state_dict
 
 
 def weight_bytes(model: nn.Module) -> int:
     """Bytes of all parameters and persistent buffers, each shared (tied) tensor counted once.
 
     This is what a checkpoint of the model holds. (transformers' ``get_memory_footprint``
-    also counts non-persistent buffers such as rotary tables, which are not weights.)
+    also counts non-persistent buffers such as rotary tables, which are not weights.) The
+    tensors a quantized model keeps unquantized count at the size its manifest stores them in
+    (``kept_dtype``), not the dtype it computes in.
     """
-    return sum(t.numel() * t.element_size() for t in unique_state_dict(model).values())
+    kept = (getattr(model, "lowbit_manifest", None) or {}).get("kept_dtype")
+    kept_size = getattr(torch, kept).itemsize if isinstance(kept, str) else None
+    parts = {f"{name}.{PART_PREFIX}{part}" for name, m in model.named_modules() if isinstance(m, QuantLinear) for part in m.part_names}
+    return sum(
+        t.numel() * (kept_size if kept_size and t.is_floating_point() and key not in parts else t.element_size())
+        for key, t in unique_state_dict(model).items()
+    )
 
 
 def linear_weight_stats(model: nn.Module) -> tuple[int, int]:

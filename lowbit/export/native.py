@@ -13,6 +13,20 @@ Layout of ``OUT/``:
   the format spec of every quantized module whose parts it holds, beside the parts;
 - the tokenizer files and ``generation_config.json`` when there are any.
 
+Tensors left unquantized (embeddings, norms, a kept ``lm_head``) are stored in the manifest's
+``kept_dtype`` (16 bits by default: ``lowbit.api.kept_dtype``) and upcast on load to the
+dtype the model computes in, the config's ``dtype`` (float32 for the default SmolLM2): the
+file is small and the forward pass as fast and as exact as before. The pipeline has already
+rounded them to ``kept_dtype``'s values, so the model in memory and the one loaded back give
+the same logits.
+
+``config.json`` also names, as ``transformers_weights``, a weights file that is a sentence
+telling the reader to ``import lowbit``: a plain ``AutoModelForCausalLM.from_pretrained``
+(transformers 5 reads that key to find the weights) then stops with that sentence in its
+error instead of skipping the unknown ``quant_method`` and building a model with random
+weights. ``import lowbit`` registers a quantizer with transformers
+(``lowbit.integrations.transformers``) that clears it and loads the checkpoint.
+
 Loading builds the model from its config with parameters on the meta device (nothing is
 allocated twice), checks every stored tensor against it from the file headers (each
 quantized module's parts against its format's exact layout), then reads the tensors one at
@@ -37,11 +51,17 @@ from lowbit.errors import LowbitError
 from lowbit.export.atomic import atomic_directory
 from lowbit.config import load_config
 from lowbit.lazy import FLOAT_DTYPES, INDEX_FILE, StoredTensors, put_tensor, tensor_groups
-from lowbit.nn import PART_PREFIX, QuantLinear, is_linear, linear_shape, set_submodule, unique_state_dict
+from lowbit.nn import PART_PREFIX, QuantLinear, is_linear, linear_shape, quantized_linears, set_submodule, unique_state_dict
 from lowbit.skeleton import check_parts, empty_model, manifest_format
 from lowbit.sources import read_json
 
 MAX_SHARD_BYTES = 5 * 10**9
+#: ``config.json``'s ``transformers_weights``: not a file, so that transformers without lowbit's
+#: quantizer refuses the checkpoint with this sentence rather than loading random weights
+TRANSFORMERS_GUARD = (
+    "this is a lowbit checkpoint: run `import lowbit` before from_pretrained (it registers lowbit with "
+    "transformers), or load it with lowbit.load"
+)
 #: the key of each safetensors file's metadata that holds lowbit's checksums and format specs
 METADATA_KEY = "lowbit"
 
@@ -92,6 +112,25 @@ def estimated_bytes(model: nn.Module, plan=None) -> int:
     return total
 
 
+def compute_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype ``model`` computes in: that of its input embeddings (a kept tensor)."""
+    return model.get_input_embeddings().weight.dtype
+
+
+def stored_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors a native checkpoint of ``model`` holds (:func:`~lowbit.nn.unique_state_dict`),
+    every floating tensor that is not a quantized part cast to the manifest's ``kept_dtype``."""
+    kept = (getattr(model, "lowbit_manifest", None) or {}).get("kept_dtype")
+    kept = getattr(torch, kept) if isinstance(kept, str) else None
+    parts = {f"{name}.{PART_PREFIX}{part}" for name, module in quantized_linears(model).items() for part in module.part_names}
+    state = {}
+    for key, tensor in unique_state_dict(model).items():
+        if kept is not None and key not in parts and tensor.is_floating_point():
+            tensor = tensor.to(kept)
+        state[key] = tensor.detach().contiguous()
+    return state
+
+
 def save_native(
     model: nn.Module,
     path: str | os.PathLike,
@@ -106,11 +145,14 @@ def save_native(
         raise LowbitError("this model was not quantized by lowbit; quantize it first (lowbit.quantize)")
     path = Path(path)
     inputs = [getattr(model, "lowbit_source", None)]
-    with atomic_directory(path, overwrite, inputs=inputs, needed_bytes=estimated_bytes(model)) as temporary:
+    state = stored_state_dict(model)
+    with atomic_directory(path, overwrite, inputs=inputs, needed_bytes=sum(t.numel() * t.element_size() for t in state.values())) as temporary:
         config = model.config.to_dict()
         config["quantization_config"] = manifest
+        config["dtype"] = str(compute_dtype(model)).removeprefix("torch.")
+        config["transformers_weights"] = TRANSFORMERS_GUARD
         (temporary / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
-        shards = _shards({k: t.detach().contiguous() for k, t in unique_state_dict(model).items()}, max_shard_bytes)
+        shards = _shards(state, max_shard_bytes)
         specs = {name: manifest_format(entry).spec() for name, entry in manifest["modules"].items()}
         if len(shards) == 1:
             save_file(shards[0], temporary / "model.safetensors", metadata=_file_metadata(shards[0], specs))
@@ -148,6 +190,22 @@ def _plan_modules(path: Path, model: nn.Module, modules: dict, stored: StoredTen
     return planned
 
 
+def _tied_groups(model: nn.Module) -> list[tuple[str, ...]]:
+    """:func:`~lowbit.skeleton.tensor_groups`, with the ties the model declares
+    (``all_tied_weights_keys``) merged in: inside transformers' ``from_pretrained`` the
+    skeleton's tied parameters are not the same objects until the weights are loaded."""
+    groups = [list(group) for group in tensor_groups(model)]
+    where = {name: group for group in groups for name in group}
+    for target, source in (getattr(model, "all_tied_weights_keys", None) or {}).items():
+        first, second = where.get(source), where.get(target)
+        if first is None or second is None or first is second:
+            continue
+        first.extend(second)
+        second.clear()
+        where.update(dict.fromkeys(first, first))
+    return [tuple(group) for group in groups if group]
+
+
 def _check_plain_tensors(path: Path, model: nn.Module, planned: dict, stored: StoredTensors) -> dict[str, tuple[str, ...]]:
     """Every other tensor of the model is stored with its shape, and nothing else is;
     returns each stored name -> the other names sharing it (a tied lm_head)."""
@@ -156,7 +214,7 @@ def _check_plain_tensors(path: Path, model: nn.Module, planned: dict, stored: St
     parameters = {name for name, _ in model.named_parameters(remove_duplicate=False)}
     quantized_keys = {key for _, _, keys, bias in planned.values() for key in (*keys.values(), bias) if key}
     aliases, missing = {}, []
-    for group in tensor_groups(model):
+    for group in _tied_groups(model):
         if group[0].startswith(inside):  # a quantized module's weight and bias
             continue
         present = [name for name in group if name in stored.entries]
@@ -210,17 +268,30 @@ def _checksums(path: Path, planned: dict, stored: StoredTensors) -> dict[str, st
     return digests
 
 
-def load_native(path: str | os.PathLike):
+def check_checkpoint(path: Path, model: nn.Module, modules: dict, stored: StoredTensors) -> tuple[dict, dict, dict[str, str]]:
+    """Check a native checkpoint's files (headers and metadata only, nothing read) against
+    ``model`` (a skeleton with dense linears) and the manifest's ``modules``. Returns the
+    quantized modules' plan (:func:`_plan_modules`), the plain tensors' aliases
+    (:func:`_check_plain_tensors`) and every tensor's SHA-256."""
+    planned = _plan_modules(path, model, modules, stored)
+    aliases = _check_plain_tensors(path, model, planned, stored)
+    return planned, aliases, _checksums(path, planned, stored)
+
+
+def load_native(path: str | os.PathLike, dtype: torch.dtype | None = None):
     """``(model, tokenizer)`` from a native checkpoint; the model is quantized, on the CPU.
 
     Every stored tensor is checked against the model its config describes (from the file
     headers) before any is read; then the tensors are read one at a time, straight into
-    their modules (stored dtypes kept), so the checkpoint is never held twice.
+    their modules, so the checkpoint is never held twice. Quantized parts keep their stored
+    dtypes; the other tensors are upcast to the dtype the model computes in: ``dtype``, else
+    the config's.
     """
     from transformers import AutoTokenizer
 
     path = Path(path)
     config_dict = read_json(path / "config.json")
+    config_dict.pop("transformers_weights", None)  # the guard against a plain transformers load
     manifest = config_dict.pop("quantization_config", None) or {}
     if not isinstance(manifest, dict) or manifest.get("quant_method") != "lowbit":
         raise LowbitError(f"{path} is not a lowbit checkpoint (its config has no lowbit quantization_config)")
@@ -228,11 +299,10 @@ def load_native(path: str | os.PathLike):
     if not isinstance(modules, dict) or not modules:
         raise LowbitError(f"{path}: the manifest in config.json lists no quantized modules; the checkpoint is corrupt")
     stored = StoredTensors(path)
-    model = empty_model(load_config(config_dict))
+    model = empty_model(load_config(config_dict), dtype)
     model.tie_weights()
-    planned = _plan_modules(path, model, modules, stored)
-    aliases = _check_plain_tensors(path, model, planned, stored)
-    digests = _checksums(path, planned, stored)
+    planned, aliases, digests = check_checkpoint(path, model, modules, stored)
+    dtypes = {name: tensor.dtype for name, tensor in model.state_dict(keep_vars=True).items()}
 
     owner = {key: name for name, (_, _, keys, bias) in planned.items() for key in (*keys.values(), bias) if key}
     waiting: dict[str, dict[str, torch.Tensor]] = {name: {} for name in planned}
@@ -240,6 +310,8 @@ def load_native(path: str | os.PathLike):
         if tensor_digest(tensor) != digests[key]:
             raise LowbitError(f"{path}: tensor {key!r} does not match the checksum written with it; the checkpoint was edited or damaged")
         if key not in owner:
+            if tensor.is_floating_point() and tensor.dtype != dtypes[key]:
+                tensor = tensor.to(dtypes[key])
             value = put_tensor(model, key, tensor)
             for alias in aliases[key]:
                 put_tensor(model, alias, value)
@@ -250,7 +322,9 @@ def load_native(path: str | os.PathLike):
         if len(waiting[name]) == len(keys) + (bias is not None):
             got = waiting.pop(name)
             parts = {part: got[k] for part, k in keys.items()}
-            set_submodule(model, name, QuantLinear(shape[1], shape[0], fmt, parts, got.get(bias)))
+            held = got.get(bias)
+            held = None if held is None else held.to(dtypes[bias])
+            set_submodule(model, name, QuantLinear(shape[1], shape[0], fmt, parts, held))
     model.lowbit_manifest = manifest
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
