@@ -18,7 +18,7 @@ from lowbit.formats.gguf_blocks import BLOCK_TYPES, dequantize_ggml, quantize_gg
 from lowbit.formats.gguf_types import GGML_TYPES
 
 gguf_quants = pytest.importorskip("gguf.quants")
-from gguf import GGMLQuantizationType  # noqa: E402
+from gguf import GGMLQuantizationType
 
 TYPES = list(BLOCK_TYPES)
 #: the types gguf-py 0.19 quantizes (its others raise NotImplementedError)
@@ -44,11 +44,16 @@ def awkward_matrix(type_name: str, seed: int = 0, rows: int = 9) -> torch.Tensor
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.shape == b.shape and torch.equal(a.float().contiguous().view(torch.int32), b.float().contiguous().view(torch.int32))
+    return a.shape == b.shape and torch.equal(
+        a.float().contiguous().view(torch.int32),
+        b.float().contiguous().view(torch.int32),
+    )
 
 
 def gguf_py_dequantize(type_name: str, raw: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(gguf_quants.dequantize(raw.numpy(), GGMLQuantizationType[type_name]))).reshape(shape)
+    return torch.from_numpy(np.asarray(gguf_quants.dequantize(raw.numpy(), GGMLQuantizationType[type_name]))).reshape(
+        shape
+    )
 
 
 @pytest.mark.parametrize("type_name", TYPES)
@@ -57,7 +62,10 @@ def test_dequantize_equals_gguf_py_on_our_bytes(type_name, seed):
     m = awkward_matrix(type_name, seed)
     importance = torch.rand(m.shape[1], generator=torch.Generator().manual_seed(seed)) if seed else None
     raw = quantize_ggml(type_name, m, importance)
-    assert raw.dtype == torch.uint8 and tuple(raw.shape) == (m.shape[0], get_format(f"gguf-{type_name.lower()}").storage_bytes(tuple(m.shape)) // m.shape[0])
+    assert raw.dtype == torch.uint8 and tuple(raw.shape) == (
+        m.shape[0],
+        get_format(f"gguf-{type_name.lower()}").storage_bytes(tuple(m.shape)) // m.shape[0],
+    )
     ours = dequantize_ggml(type_name, raw, tuple(m.shape))
     assert same_bits(ours, gguf_py_dequantize(type_name, raw, tuple(m.shape)))
     # and the round trip is close: every type keeps the bulk of a random row
@@ -71,7 +79,13 @@ def test_dequantize_equals_gguf_py_on_random_bytes(type_name):
     """Arbitrary bytes (every code and scale bit pattern) decode alike; float16 fields that
     are not finite are cleared first (they would make NaN on both sides)."""
     g = GGML_TYPES[type_name]
-    raw = torch.randint(0, 256, (5, 4 * g.block_bytes), generator=torch.Generator().manual_seed(3), dtype=torch.uint8)
+    raw = torch.randint(
+        0,
+        256,
+        (5, 4 * g.block_bytes),
+        generator=torch.Generator().manual_seed(3),
+        dtype=torch.uint8,
+    )
     shape = (5, 4 * g.block_size)
     ours = dequantize_ggml(type_name, raw, shape)
     theirs = gguf_py_dequantize(type_name, raw, shape)
@@ -91,7 +105,10 @@ def test_quantize_equals_gguf_py(type_name, seed):
     rows = [r for r in range(m.shape[0]) if r != 1]
     assert torch.equal(ours[rows], theirs[rows])
     shape = (1, m.shape[1])
-    assert torch.equal(dequantize_ggml(type_name, ours[1:2], shape), dequantize_ggml(type_name, theirs[1:2], shape))
+    assert torch.equal(
+        dequantize_ggml(type_name, ours[1:2], shape),
+        dequantize_ggml(type_name, theirs[1:2], shape),
+    )
 
 
 @pytest.mark.parametrize("type_name", TYPES)

@@ -17,6 +17,7 @@ packed 6-bit scales …) in its C types. Codes are the unsigned integers the str
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+
 import torch
 
 from lowbit.formats.gguf_types import GGML_TYPES, GgmlType

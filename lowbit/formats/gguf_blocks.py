@@ -33,7 +33,13 @@ from dataclasses import dataclass
 import torch
 
 from lowbit.errors import LowbitError
-from lowbit.formats.base import Format, ScaleGroups, check_finite, check_matrix, column_range
+from lowbit.formats.base import (
+    Format,
+    ScaleGroups,
+    check_finite,
+    check_matrix,
+    column_range,
+)
 from lowbit.formats.gguf_block import BlockType, Fields
 from lowbit.formats.gguf_iq import IQ_TYPES
 from lowbit.formats.gguf_kquants import K_TYPES
@@ -77,7 +83,9 @@ def _importance(block: BlockType, importance: torch.Tensor | None, columns: int)
     if importance is None:
         return None
     if tuple(importance.shape) != (columns,):
-        raise ValueError(f"importance needs one weight per input column, shape ({columns},); got {tuple(importance.shape)}")
+        raise ValueError(
+            f"importance needs one weight per input column, shape ({columns},); got {tuple(importance.shape)}"
+        )
     if not bool(torch.isfinite(importance).all()) or bool((importance < 0).any()):
         raise LowbitError("importance weights must be finite and non-negative")
     return importance.float().reshape(-1, block.ggml.block_size)
@@ -136,19 +144,30 @@ class GGUFFormat(Format):
         return shape[0] * shape[1] // size.block_size * size.block_bytes
 
     def choose_params(
-        self, weight: torch.Tensor, *, clip: torch.Tensor | None = None, importance: torch.Tensor | None = None
+        self,
+        weight: torch.Tensor,
+        *,
+        clip: torch.Tensor | None = None,
+        importance: torch.Tensor | None = None,
     ) -> GGUFParams:
         return self._quantize(weight, clip, importance)[0]
 
     def quantize(
-        self, weight: torch.Tensor, *, clip: torch.Tensor | None = None, importance: torch.Tensor | None = None
+        self,
+        weight: torch.Tensor,
+        *,
+        clip: torch.Tensor | None = None,
+        importance: torch.Tensor | None = None,
     ) -> QTensor:
         """llama.cpp's own bytes (its codes, which :meth:`encode` does not always reproduce)."""
         params, codes = self._quantize(weight, clip, importance)
         return QTensor(self, (weight.shape[0], weight.shape[1]), self.pack(codes, params))
 
     def _quantize(
-        self, weight: torch.Tensor, clip: torch.Tensor | None, importance: torch.Tensor | None
+        self,
+        weight: torch.Tensor,
+        clip: torch.Tensor | None,
+        importance: torch.Tensor | None,
     ) -> tuple[GGUFParams, torch.Tensor]:
         check_matrix(weight, self.name)
         check_finite(weight, self.name)
@@ -157,7 +176,11 @@ class GGUFFormat(Format):
         block = self.block
         x = _blocks(block, weight)
         if weight.is_meta:
-            raw = torch.empty((weight.shape[0], x.shape[1], block.ggml.block_bytes), dtype=torch.uint8, device="meta")
+            raw = torch.empty(
+                (weight.shape[0], x.shape[1], block.ggml.block_bytes),
+                dtype=torch.uint8,
+                device="meta",
+            )
             fields, codes = block.from_bytes(raw)
         else:
             fields, codes = block.quantize(x.cpu(), _importance(block, importance, weight.shape[1]))
@@ -167,7 +190,9 @@ class GGUFFormat(Format):
         span = column_range(columns, width)
         size = self.block.ggml.block_size
         if span.start % size or span.stop % size:
-            raise ValueError(f"{self.name} encodes whole blocks of {size} columns; got columns {span.start}:{span.stop}")
+            raise ValueError(
+                f"{self.name} encodes whole blocks of {size} columns; got columns {span.start}:{span.stop}"
+            )
         first, last = span.start // size, span.stop // size
         return {k: v[:, first:last] for k, v in params.fields.items()}, last - first
 
@@ -178,7 +203,11 @@ class GGUFFormat(Format):
         return block.encode(_blocks(block, weight), fields).reshape(weight.shape[0], -1)
 
     def decode(
-        self, codes: torch.Tensor, params: GGUFParams, columns: slice | None = None, dtype: torch.dtype = torch.float32
+        self,
+        codes: torch.Tensor,
+        params: GGUFParams,
+        columns: slice | None = None,
+        dtype: torch.dtype = torch.float32,
     ) -> torch.Tensor:
         fields, count = self._span(params, codes.shape[1], columns)
         block = self.block

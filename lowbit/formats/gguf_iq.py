@@ -18,10 +18,30 @@ from dataclasses import dataclass
 
 import torch
 
-from lowbit.formats.gguf_block import BlockType, Fields, half_bytes, half_from, nibbles, row_importance, split_nibbles
-from lowbit.formats.gguf_numerics import GROUP_MAX_EPS, f32, first_absmax, nearest_int, seq_sum, sqrtf, to_fp16
+from lowbit.formats.gguf_block import (
+    BlockType,
+    Fields,
+    half_bytes,
+    half_from,
+    nibbles,
+    row_importance,
+    split_nibbles,
+)
+from lowbit.formats.gguf_numerics import (
+    GROUP_MAX_EPS,
+    f32,
+    first_absmax,
+    from_fp16,
+    nearest_int,
+    seq_sum,
+    sqrtf,
+    to_fp16,
+)
 
-KVALUES_IQ4NL = torch.tensor([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=torch.float32)
+KVALUES_IQ4NL = torch.tensor(
+    [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113],
+    dtype=torch.float32,
+)
 NTRY = 7
 
 
@@ -99,10 +119,10 @@ class IQ4NL(BlockType):
         return {"d": to_fp16(scale)}, _codes(x, scale)
 
     def encode(self, x: torch.Tensor, fields: Fields) -> torch.Tensor:
-        return _codes(x, fields["d"].float())
+        return _codes(x, from_fp16(fields["d"]))
 
     def decode(self, codes: torch.Tensor, fields: Fields) -> torch.Tensor:
-        return fields["d"].float().unsqueeze(-1) * KVALUES_IQ4NL.to(codes.device)[codes.long()]
+        return from_fp16(fields["d"]).unsqueeze(-1) * KVALUES_IQ4NL.to(codes.device)[codes.long()]
 
     def to_bytes(self, codes: torch.Tensor, fields: Fields) -> torch.Tensor:
         return torch.cat([half_bytes(fields["d"]), _pack_codes(codes)], -1)
@@ -138,7 +158,7 @@ class IQ4XS(BlockType):
         low = fields["scales_l"].long()
         low = torch.stack([low & 0xF, low >> 4], -1).reshape(*low.shape[:-1], 8)
         high = (fields["scales_h"].long() & 0xFFFF).unsqueeze(-1) >> (2 * torch.arange(8, device=low.device))
-        return fields["d"].float().unsqueeze(-1) * ((low | ((high & 3) << 4)) - 32).float()
+        return from_fp16(fields["d"]).unsqueeze(-1) * ((low | ((high & 3) << 4)) - 32).float()
 
     def encode(self, x: torch.Tensor, fields: Fields) -> torch.Tensor:
         sub = self._sub_scales(fields)
@@ -151,7 +171,10 @@ class IQ4XS(BlockType):
 
     def to_bytes(self, codes: torch.Tensor, fields: Fields) -> torch.Tensor:
         scales_h = fields["scales_h"].contiguous().unsqueeze(-1).view(torch.uint8)
-        return torch.cat([half_bytes(fields["d"]), scales_h, fields["scales_l"], _pack_codes(codes)], -1)
+        return torch.cat(
+            [half_bytes(fields["d"]), scales_h, fields["scales_l"], _pack_codes(codes)],
+            -1,
+        )
 
     def from_bytes(self, raw: torch.Tensor) -> tuple[Fields, torch.Tensor]:
         fields = {

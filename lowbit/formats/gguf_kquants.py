@@ -23,34 +23,42 @@ from dataclasses import dataclass
 
 import torch
 
-from lowbit.formats.gguf_block import BlockType, Fields, half_bytes, half_from, row_importance
+from lowbit.formats.gguf_block import (
+    BlockType,
+    Fields,
+    half_bytes,
+    half_from,
+    row_importance,
+)
 from lowbit.formats.gguf_numerics import (
     GROUP_MAX_EPS,
     f32,
     first_absmax,
+    from_fp16,
     make_q3_quants,
     make_qkx_quants,
     make_qp_quants,
     make_qx_quants,
     nearest_int,
+    positive_max,
     seq_sum,
     sqrtf,
     to_fp16,
 )
 
 
-def _positive_max(values: torch.Tensor) -> torch.Tensor:
-    """``m = 0; if (v > m) m = v``: the largest value if positive, else +0.0."""
-    top = values.amax(-1)
-    return torch.where(top > 0, top, torch.zeros_like(top))
-
-
 def _safe(d: torch.Tensor) -> torch.Tensor:
     return torch.where(d != 0, d, torch.ones_like(d))
 
 
-def _requantize(x: torch.Tensor, d: torch.Tensor, low: int, high: int, search: torch.Tensor | None,
-                shift: torch.Tensor | None = None) -> torch.Tensor:
+def _requantize(
+    x: torch.Tensor,
+    d: torch.Tensor,
+    low: int,
+    high: int,
+    search: torch.Tensor | None,
+    shift: torch.Tensor | None = None,
+) -> torch.Tensor:
     """``l = clamp(nearest_int((x [+ shift]) / d), low, high) - low`` per sub-block; where the
     sub-block's ``d`` is zero the codes are ``search``'s (zeros when there is none)."""
     shifted = x if shift is None else x + shift.unsqueeze(-1)
@@ -139,7 +147,7 @@ class ScaleMinK(BlockType):
             weights = av_x.unsqueeze(-1) + xs.abs()
             scales, mins, search = make_qkx_quants(xs, weights, self.top, self.rmin, self.rdelta, self.nstep)
             scales, mins = scales.reshape(*lead, 8), mins.reshape(*lead, 8)
-            max_scale, max_min = _positive_max(scales), _positive_max(mins)
+            max_scale, max_min = positive_max(scales), positive_max(mins)
             inv_scale = torch.where(max_scale > 0, f32(63) / _safe(max_scale), torch.zeros_like(max_scale))
             inv_min = torch.where(max_min > 0, f32(63) / _safe(max_min), torch.zeros_like(max_min))
             ls = (nearest_int(inv_scale.unsqueeze(-1) * scales) & 0xFF).clamp(max=63)
@@ -160,8 +168,8 @@ class ScaleMinK(BlockType):
 
     def _codes(self, x: torch.Tensor, fields: Fields, search: torch.Tensor | None) -> torch.Tensor:
         sc, m = unpack_scale_min_k4(fields["scales"])
-        d = fields["d"].float().unsqueeze(-1) * sc.float()
-        dm = fields["dmin"].float().unsqueeze(-1) * m.float()
+        d = from_fp16(fields["d"]).unsqueeze(-1) * sc.float()
+        dm = from_fp16(fields["dmin"]).unsqueeze(-1) * m.float()
         subs = x.reshape(*x.shape[:-1], 8, 32)
         return _requantize(subs, d, 0, self.top, search, dm).reshape(x.shape)
 
@@ -170,8 +178,8 @@ class ScaleMinK(BlockType):
 
     def decode(self, codes: torch.Tensor, fields: Fields) -> torch.Tensor:
         sc, m = unpack_scale_min_k4(fields["scales"])
-        d = fields["d"].float().unsqueeze(-1) * sc.float()
-        dm = fields["dmin"].float().unsqueeze(-1) * m.float()
+        d = from_fp16(fields["d"]).unsqueeze(-1) * sc.float()
+        dm = from_fp16(fields["dmin"]).unsqueeze(-1) * m.float()
         level = codes.reshape(*codes.shape[:-1], 8, 32).float()
         return (d.unsqueeze(-1) * level - dm.unsqueeze(-1)).reshape(codes.shape)
 
@@ -185,7 +193,11 @@ class ScaleMinK(BlockType):
         return torch.cat([*parts, qs.to(torch.uint8)], -1)
 
     def from_bytes(self, raw: torch.Tensor) -> tuple[Fields, torch.Tensor]:
-        fields = {"d": half_from(raw, 0), "dmin": half_from(raw, 2), "scales": raw[..., 4:16].contiguous()}
+        fields = {
+            "d": half_from(raw, 0),
+            "dmin": half_from(raw, 2),
+            "scales": raw[..., 4:16].contiguous(),
+        }
         qs = raw[..., -128:].long().reshape(*raw.shape[:-1], 4, 1, 32)
         codes = (qs >> torch.tensor([0, 4], device=raw.device).view(2, 1)) & 0xF
         if self.bits == 5:
@@ -207,7 +219,7 @@ class Q2K(BlockType):
         if importance is None:
             scales, mins, search = make_qkx_quants(xs, xs.abs(), 3, -0.5, 0.1, 15, use_mad=True)
             scales, mins = scales.reshape(*lead, 16), mins.reshape(*lead, 16)
-            max_scale, max_min = _positive_max(scales), _positive_max(mins)
+            max_scale, max_min = positive_max(scales), positive_max(mins)
             ls = nearest_int((f32(15) / _safe(max_scale)).unsqueeze(-1) * scales) & 0xFF
             lm = nearest_int((f32(15) / _safe(max_min)).unsqueeze(-1) * mins)
             ls = torch.where((max_scale > 0).unsqueeze(-1), ls, 0)
@@ -227,8 +239,8 @@ class Q2K(BlockType):
 
     def _codes(self, x: torch.Tensor, fields: Fields, search: torch.Tensor | None) -> torch.Tensor:
         s = fields["scales"].long()
-        d = fields["d"].float().unsqueeze(-1) * (s & 0xF).float()
-        dm = fields["dmin"].float().unsqueeze(-1) * (s >> 4).float()
+        d = from_fp16(fields["d"]).unsqueeze(-1) * (s & 0xF).float()
+        dm = from_fp16(fields["dmin"]).unsqueeze(-1) * (s >> 4).float()
         return _requantize(x.reshape(*x.shape[:-1], 16, 16), d, 0, 3, search, dm).reshape(x.shape)
 
     def encode(self, x: torch.Tensor, fields: Fields) -> torch.Tensor:
@@ -236,16 +248,28 @@ class Q2K(BlockType):
 
     def decode(self, codes: torch.Tensor, fields: Fields) -> torch.Tensor:
         s = fields["scales"].long()
-        d = fields["d"].float().unsqueeze(-1) * (s & 0xF).float()
-        dm = fields["dmin"].float().unsqueeze(-1) * (s >> 4).float()
+        d = from_fp16(fields["d"]).unsqueeze(-1) * (s & 0xF).float()
+        dm = from_fp16(fields["dmin"]).unsqueeze(-1) * (s >> 4).float()
         level = codes.reshape(*codes.shape[:-1], 16, 16).float()
         return (d.unsqueeze(-1) * level - dm.unsqueeze(-1)).reshape(codes.shape)
 
     def to_bytes(self, codes: torch.Tensor, fields: Fields) -> torch.Tensor:
-        return torch.cat([fields["scales"], pack_2bit(codes), half_bytes(fields["d"]), half_bytes(fields["dmin"])], -1)
+        return torch.cat(
+            [
+                fields["scales"],
+                pack_2bit(codes),
+                half_bytes(fields["d"]),
+                half_bytes(fields["dmin"]),
+            ],
+            -1,
+        )
 
     def from_bytes(self, raw: torch.Tensor) -> tuple[Fields, torch.Tensor]:
-        fields = {"scales": raw[..., :16].contiguous(), "d": half_from(raw, 80), "dmin": half_from(raw, 82)}
+        fields = {
+            "scales": raw[..., :16].contiguous(),
+            "d": half_from(raw, 80),
+            "dmin": half_from(raw, 82),
+        }
         return fields, unpack_2bit(raw[..., 16:80])
 
 
@@ -278,27 +302,38 @@ class Q3K(BlockType):
         return fields, self._codes(x, fields, search.reshape(*lead, 16, 16))
 
     def _codes(self, x: torch.Tensor, fields: Fields, search: torch.Tensor | None) -> torch.Tensor:
-        d = fields["d"].float().unsqueeze(-1) * unpack_q3_scales(fields["scales"]).float()
+        d = from_fp16(fields["d"]).unsqueeze(-1) * unpack_q3_scales(fields["scales"]).float()
         return _requantize(x.reshape(*x.shape[:-1], 16, 16), d, -4, 3, search).reshape(x.shape)
 
     def encode(self, x: torch.Tensor, fields: Fields) -> torch.Tensor:
         return self._codes(x, fields, None)
 
     def decode(self, codes: torch.Tensor, fields: Fields) -> torch.Tensor:
-        d = fields["d"].float().unsqueeze(-1) * unpack_q3_scales(fields["scales"]).float()
+        d = from_fp16(fields["d"]).unsqueeze(-1) * unpack_q3_scales(fields["scales"]).float()
         level = codes.reshape(*codes.shape[:-1], 16, 16).float() - 4
         return (d.unsqueeze(-1) * level).reshape(codes.shape)
 
     def to_bytes(self, codes: torch.Tensor, fields: Fields) -> torch.Tensor:
         high = (codes.long() >> 2) & 1  # code j's high bit goes to hmask[j % 32], bit j // 32
         hmask = (high.reshape(*codes.shape[:-1], 8, 32) << torch.arange(8, device=codes.device).view(8, 1)).sum(-2)
-        return torch.cat([hmask.to(torch.uint8), pack_2bit(codes & 3), fields["scales"], half_bytes(fields["d"])], -1)
+        return torch.cat(
+            [
+                hmask.to(torch.uint8),
+                pack_2bit(codes & 3),
+                fields["scales"],
+                half_bytes(fields["d"]),
+            ],
+            -1,
+        )
 
     def from_bytes(self, raw: torch.Tensor) -> tuple[Fields, torch.Tensor]:
         hmask = raw[..., :32].long().unsqueeze(-2) >> torch.arange(8, device=raw.device).view(8, 1)
         high = (hmask & 1).reshape(*raw.shape[:-1], 256)
         codes = unpack_2bit(raw[..., 32:96]) | (high << 2).to(torch.uint8)
-        return {"scales": raw[..., 96:108].contiguous(), "d": half_from(raw, 108)}, codes
+        return {
+            "scales": raw[..., 96:108].contiguous(),
+            "d": half_from(raw, 108),
+        }, codes
 
 
 @dataclass(frozen=True)
@@ -324,14 +359,14 @@ class Q6K(BlockType):
         return fields, self._codes(x, fields, search.reshape(*lead, 16, 16))
 
     def _codes(self, x: torch.Tensor, fields: Fields, search: torch.Tensor | None) -> torch.Tensor:
-        d = fields["d"].float().unsqueeze(-1) * fields["scales"].float()
+        d = from_fp16(fields["d"]).unsqueeze(-1) * fields["scales"].float()
         return _requantize(x.reshape(*x.shape[:-1], 16, 16), d, -32, 31, search).reshape(x.shape)
 
     def encode(self, x: torch.Tensor, fields: Fields) -> torch.Tensor:
         return self._codes(x, fields, None)
 
     def decode(self, codes: torch.Tensor, fields: Fields) -> torch.Tensor:
-        d = fields["d"].float().unsqueeze(-1) * fields["scales"].float()
+        d = from_fp16(fields["d"]).unsqueeze(-1) * fields["scales"].float()
         level = codes.reshape(*codes.shape[:-1], 16, 16).float() - 32
         return (d.unsqueeze(-1) * level).reshape(codes.shape)
 
@@ -339,7 +374,13 @@ class Q6K(BlockType):
         lead = codes.shape[:-1]
         q = codes.long().reshape(*lead, 2, 4, 32)  # half, quarter, lane
         low = q & 0xF
-        ql = torch.cat([low[..., 0, :] | (low[..., 2, :] << 4), low[..., 1, :] | (low[..., 3, :] << 4)], -1)
+        ql = torch.cat(
+            [
+                low[..., 0, :] | (low[..., 2, :] << 4),
+                low[..., 1, :] | (low[..., 3, :] << 4),
+            ],
+            -1,
+        )
         shifts = torch.arange(0, 8, 2, device=codes.device).view(4, 1)
         qh = ((q >> 4) << shifts).sum(-2)
         scales = fields["scales"].view(torch.uint8)
@@ -349,11 +390,22 @@ class Q6K(BlockType):
     def from_bytes(self, raw: torch.Tensor) -> tuple[Fields, torch.Tensor]:
         lead = raw.shape[:-1]
         ql = raw[..., :128].long().reshape(*lead, 2, 2, 32)
-        low = torch.stack([ql[..., 0, :] & 0xF, ql[..., 1, :] & 0xF, ql[..., 0, :] >> 4, ql[..., 1, :] >> 4], -2)
+        low = torch.stack(
+            [
+                ql[..., 0, :] & 0xF,
+                ql[..., 1, :] & 0xF,
+                ql[..., 0, :] >> 4,
+                ql[..., 1, :] >> 4,
+            ],
+            -2,
+        )
         qh = raw[..., 128:192].long().reshape(*lead, 2, 1, 32)
         high = (qh >> torch.arange(0, 8, 2, device=raw.device).view(4, 1)) & 3
         codes = (low | (high << 4)).reshape(*lead, 256).to(torch.uint8)
-        return {"scales": raw[..., 192:208].contiguous().view(torch.int8), "d": half_from(raw, 208)}, codes
+        return {
+            "scales": raw[..., 192:208].contiguous().view(torch.int8),
+            "d": half_from(raw, 208),
+        }, codes
 
 
 K_TYPES = (

@@ -31,9 +31,12 @@ from lowbit.formats.gguf_block import (
     u32_from,
 )
 from lowbit.formats.gguf_numerics import (
+    as_int8,
     f32,
     first_absmax,
     first_min_max,
+    float_to_int,
+    from_fp16,
     make_qkx_quants,
     make_qx_quants,
     nearest_int,
@@ -78,18 +81,18 @@ class LegacyBlock(BlockType):
             return self._quantize_weighted(x, _weights(x, importance))
         if self.bits == 8:
             d = x.abs().amax(-1) / f32(127)
-            codes = round_away(x * _inverse(d).unsqueeze(-1)).to(torch.int8).view(torch.uint8)
-            return {"d": to_fp16(d)}, codes
+            codes = float_to_int(round_away(x * _inverse(d).unsqueeze(-1))) & 0xFF
+            return {"d": to_fp16(d)}, codes.to(torch.uint8)
         if self.with_min:
             low, high = first_min_max(x)
             d = (high - low) / f32(self.top)
-            level = torch.trunc((x - low.unsqueeze(-1)) * _inverse(d).unsqueeze(-1) + f32(0.5))
-            codes = level if self.bits == 5 else level.clamp(max=self.top)
+            level = float_to_int((x - low.unsqueeze(-1)) * _inverse(d).unsqueeze(-1) + f32(0.5))
+            codes = level & 0xFF if self.bits == 5 else as_int8(level).clamp(max=self.top) & 0xFF
             return {"d": to_fp16(d), "m": to_fp16(low)}, codes.to(torch.uint8)
         _, top = first_absmax(x)
         d = top / f32(-self.offset)
-        level = torch.trunc(x * _inverse(d).unsqueeze(-1) + f32(self.offset + 0.5))
-        return {"d": to_fp16(d)}, level.clamp(max=self.top).to(torch.uint8)
+        level = float_to_int(x * _inverse(d).unsqueeze(-1) + f32(self.offset + 0.5))
+        return {"d": to_fp16(d)}, (as_int8(level).clamp(max=self.top) & 0xFF).to(torch.uint8)
 
     def _quantize_weighted(self, x: torch.Tensor, weights: torch.Tensor) -> tuple[Fields, torch.Tensor]:
         shape = x.shape
@@ -103,19 +106,19 @@ class LegacyBlock(BlockType):
         return {k: v.reshape(shape[:-1]) for k, v in fields.items()}, codes.reshape(shape)
 
     def encode(self, x: torch.Tensor, fields: Fields) -> torch.Tensor:
-        d = fields["d"].float().unsqueeze(-1)
-        shifted = x - fields["m"].float().unsqueeze(-1) if self.with_min else x
+        d = from_fp16(fields["d"]).unsqueeze(-1)
+        shifted = x - from_fp16(fields["m"]).unsqueeze(-1) if self.with_min else x
         level = nearest_int(shifted * _inverse(d))
         if self.bits == 8:
             return level.clamp(-128, 127).to(torch.int8).view(torch.uint8)
         return (level + self.offset).clamp(0, self.top).to(torch.uint8)
 
     def decode(self, codes: torch.Tensor, fields: Fields) -> torch.Tensor:
-        d = fields["d"].float().unsqueeze(-1)
+        d = from_fp16(fields["d"]).unsqueeze(-1)
         if self.bits == 8:
             return codes.view(torch.int8).float() * d
         if self.with_min:
-            return codes.float() * d + fields["m"].float().unsqueeze(-1)
+            return codes.float() * d + from_fp16(fields["m"]).unsqueeze(-1)
         return (codes.float() - self.offset) * d
 
     def to_bytes(self, codes: torch.Tensor, fields: Fields) -> torch.Tensor:

@@ -72,21 +72,55 @@ def to_fp16(value: torch.Tensor) -> torch.Tensor:
     return value.to(torch.float16)
 
 
+def from_fp16(half: torch.Tensor) -> torch.Tensor:
+    """``GGML_FP16_TO_FP32``: exact for numbers; a NaN keeps its sign and payload (torch turns
+    every float16 NaN into 0x7FFFFFFF, and a payload reaches the codes through ``nearest_int``)."""
+    value = half.float()
+    bits = half.view(torch.int16).int() & 0xFFFF
+    nan = ((bits & 0x8000) << 16) | 0x7F800000 | ((bits & 0x3FF) << 13)
+    return torch.where(torch.isnan(value), nan.view(torch.float32), value)
+
+
 def first_absmax(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``amax = 0; if (fabsf(x) > amax) { amax = fabsf(x); max = x; }``: the largest
-    magnitude and the signed value first reaching it (``+0.0`` for an all-zero block)."""
+    magnitude and the signed value first reaching it (``+0.0`` for an all-zero block; a NaN
+    never compares greater, so it is passed over)."""
     magnitude = x.abs()
+    magnitude = torch.where(torch.isnan(magnitude), torch.zeros_like(magnitude), magnitude)
     index = magnitude.argmax(-1, keepdim=True)
     amax = magnitude.gather(-1, index).squeeze(-1)
     signed = x.gather(-1, index).squeeze(-1)
     return amax, torch.where(amax > 0, signed, torch.zeros_like(signed))
 
 
+def positive_max(x: torch.Tensor) -> torch.Tensor:
+    """``m = 0; if (x > m) m = x``: the largest value if one is positive, else +0.0 (NaN passed over)."""
+    return torch.where(x > 0, x, torch.zeros_like(x)).amax(-1)
+
+
 def first_min_max(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``min = max = x[0]; if (x < min) min = x; if (x > max) max = x``: first occurrences."""
+    """``min = max = x[0]; if (x < min) min = x; if (x > max) max = x``: first occurrences
+    (for finite ``x``: weights are checked finite before they get here)."""
     low = x.gather(-1, x.argmin(-1, keepdim=True)).squeeze(-1)
     high = x.gather(-1, x.argmax(-1, keepdim=True)).squeeze(-1)
     return low, high
+
+
+def float_to_int(value: torch.Tensor) -> torch.Tensor:
+    """A C cast of a float to a (narrow) integer as x86-64 compiles it: ``cvttss2si``
+    (truncate; NaN and values beyond int32 give ``INT_MIN``), int64 holding the int32; the
+    caller keeps the low bits it needs."""
+    fits = value.abs() < 2.0**31
+    return torch.where(
+        fits,
+        torch.trunc(torch.where(fits, value, torch.zeros_like(value))),
+        f32(-(2.0**31)),
+    ).long()
+
+
+def as_int8(value: torch.Tensor) -> torch.Tensor:
+    """The low byte of an integer, read as signed (an ``int8_t`` store)."""
+    return ((value + 128) & 0xFF) - 128
 
 
 def make_qx_quants(x: torch.Tensor, nmax: int, weights: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,7 +130,9 @@ def make_qx_quants(x: torch.Tensor, nmax: int, weights: torch.Tensor | None) -> 
     w = x * x if weights is None else weights
     wx = w * x
 
-    def attempt(iscale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def attempt(
+        iscale: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         level = nearest_int(iscale.unsqueeze(-1) * x).clamp(-nmax, nmax - 1)
         lf = level.float()
         return level, seq_sum(wx * lf), seq_sum(w * lf * lf)
@@ -148,7 +184,13 @@ def make_q3_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tens
 
 
 def make_qkx_quants(
-    x: torch.Tensor, weights: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int, use_mad: bool = False
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    nmax: int,
+    rmin: float,
+    rdelta: float,
+    nstep: int,
+    use_mad: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``make_qkx2_quants`` / ``make_qkx3_quants`` with weights (the two are the same code
     then): scale, ``the_min`` (``-min`` >= 0) and codes ``0..nmax`` of an asymmetric grid,
@@ -217,7 +259,10 @@ def make_qp_quants(x: torch.Tensor, nmax: int, weights: torch.Tensor) -> tuple[t
         if step == 0:
             continue
         iscale_is = (f32(0.1) * step + nmax) / top
-        current = mse(f32(1) / iscale_is, nearest_int(iscale_is.unsqueeze(-1) * x).clamp(max=nmax).float())
+        current = mse(
+            f32(1) / iscale_is,
+            nearest_int(iscale_is.unsqueeze(-1) * x).clamp(max=nmax).float(),
+        )
         better = current < best
         best = torch.where(better, current, best)
         iscale = torch.where(better, iscale_is, iscale)
