@@ -268,9 +268,8 @@ def smollm2():
     """(GGUF path, the HF tokenizer transformers made of it: what lowbit's GGUF cache holds)."""
     from transformers import AutoTokenizer
 
-    from lowbit.sources import default_model_path
-
     from lowbit.gguf_cache import entry_directory
+    from lowbit.sources import default_model_path
 
     try:
         path = default_model_path()
@@ -307,3 +306,99 @@ def test_smollm2_hf_conversion_tokenizes_like_the_hf_tokenizer(smollm2, tmp_path
     _, hf_tokenizer = smollm2
     write_tokenizer_gguf(tmp_path / "tok.gguf", hf_tokenizer, vocab_size=49152)
     assert_same_tokenization(hf_tokenizer, tmp_path / "tok.gguf", PROBES + ["<|im_start|>user\nhi<|im_end|>\n"])
+
+
+# -- llama.cpp itself (heavy: needs llama-cpp-python, built once by scripts/llama_cpp_python.sh) ----
+
+LLAMA_CPP_TOKENIZE = """
+import json, sys
+from llama_cpp import Llama
+texts = json.loads(sys.stdin.read())
+for path in sys.argv[1:]:
+    vocab = Llama(model_path=path, vocab_only=True, verbose=False)
+    print(json.dumps([vocab.tokenize(text.encode(), add_bos=True, special=True) for text in texts]))
+"""
+
+
+def llama_cpp_tokenize(paths: list[Path], texts: list[str]) -> list[list[list[int]]]:
+    """llama.cpp's tokenization (special tokens parsed, BOS/EOS as the file says) of each text, per file."""
+    import subprocess
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "llama_cpp_python.sh"
+    if not script.is_file():
+        pytest.skip("scripts/llama_cpp_python.sh is missing")
+    python = subprocess.run(["bash", str(script)], capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+    done = subprocess.run(
+        [python, "-c", LLAMA_CPP_TOKENIZE, *map(str, paths)], input=json.dumps(texts), capture_output=True, text=True, timeout=600, check=False
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return [json.loads(line) for line in done.stdout.splitlines()]
+
+
+def vocab_gguf(path: Path, source, vocab_size: int | None = None) -> Path:
+    """A GGUF llama.cpp loads with ``vocab_only``: the tokenizer keys and a tiny llama's hyperparameters."""
+    import gguf
+
+    writer = gguf.GGUFWriter(path, "llama")
+    for add, value in [
+        (writer.add_context_length, 64), (writer.add_embedding_length, 8), (writer.add_block_count, 1),
+        (writer.add_feed_forward_length, 16), (writer.add_head_count, 2), (writer.add_head_count_kv, 2),
+        (writer.add_layer_norm_rms_eps, 1e-5), (writer.add_rope_dimension_count, 4),
+    ]:  # fmt: skip
+        add(value)
+    add_tokenizer(writer, source, vocab_size)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.heavy
+def test_llama_cpp_tokenizes_like_the_source_tokenizers(tmp_path, monkeypatch):
+    """Each converted tokenizer, read by llama.cpp, gives the source tokenizer's ids: the HF
+    tokenizer's for byte-level BPE; sentencepiece's own for a sentencepiece model (converted from
+    its tokenizer.model, or from the tokenizer.json transformers 5 saves instead). transformers 5's
+    Llama tokenizer drops one of several leading spaces that sentencepiece and llama.cpp keep, and
+    llama.cpp prefixes a space after a special token in the text where transformers does not:
+    sentencepiece texts hold no special tokens here."""
+    import shutil
+
+    import sentencepiece
+    from transformers import AutoTokenizer
+
+    spm = sentencepiece_tokenizer(tmp_path / "spm")
+    spm_json = tmp_path / "spm-json"
+    shutil.copytree(spm, spm_json)
+    (spm_json / "tokenizer.model").unlink()
+    AutoTokenizer.from_pretrained(spm).save_pretrained(spm_json)
+    processor = sentencepiece.SentencePieceProcessor(model_file=str(spm / "tokenizer.model"))
+    llama3 = byte_level_tokenizer(tmp_path / "llama3", LLAMA3_SPLIT, ["<|begin_of_text|>", "<|eot_id|>"], "<|begin_of_text|>", "<|eot_id|>")
+    qwen2 = byte_level_tokenizer(tmp_path / "qwen2", QWEN2_SPLIT, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], None, "<|im_end|>")
+    known_pre(monkeypatch, llama3, "llama-bpe")
+    known_pre(monkeypatch, qwen2, "qwen2")
+    specials = ["<|im_start|>user\nhi<|im_end|>", "<|begin_of_text|>x<|eot_id|>"]
+    cases = {  # name: (source, texts, reference)
+        "spm": (spm, PROBES, lambda text: [1, *processor.encode(text)]),
+        "spm-json": (spm_json, PROBES, lambda text: [1, *processor.encode(text)]),
+        "llama-bpe": (llama3, PROBES + specials, lambda text: AutoTokenizer.from_pretrained(llama3)(text)["input_ids"]),
+        "qwen2": (qwen2, PROBES + specials, lambda text: AutoTokenizer.from_pretrained(qwen2)(text)["input_ids"]),
+    }
+    texts = PROBES + specials
+    paths = [vocab_gguf(tmp_path / f"{name}.gguf", source) for name, (source, _, _) in cases.items()]
+    for (name, (_, checked, reference)), ids in zip(cases.items(), llama_cpp_tokenize(paths, texts)):
+        for text, got in zip(texts, ids):
+            if text in checked:
+                assert got == reference(text), (name, text)
+
+
+@pytest.mark.heavy
+def test_llama_cpp_tokenizes_smollm2_like_its_gguf(smollm2, tmp_path):
+    """SmolLM2's tokenizer converted from its HF files, read by llama.cpp, gives the original
+    GGUF's ids. (Not always transformers' ids: its GGUF loader builds SmolLM2's tokenizer
+    without the ``smollm`` pre-tokenizer's digit split, so "   3" differs.)"""
+    path, hf_tokenizer = smollm2
+    ours = vocab_gguf(tmp_path / "smollm2.gguf", hf_tokenizer, vocab_size=49152)
+    texts = PROBES + ["<|im_start|>user\nhi<|im_end|>\n", "x" * 300, "   3.14159 naïve 😀 def f(): pass"]
+    original, converted = llama_cpp_tokenize([path, ours], texts)
+    assert converted == original
