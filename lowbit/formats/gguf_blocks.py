@@ -91,6 +91,21 @@ def _importance(block: BlockType, importance: torch.Tensor | None, columns: int)
     return importance.float().reshape(-1, block.ggml.block_size)
 
 
+#: weights quantized at once: the searches run a few thousand tensor ops per chunk, and a
+#: chunk this size keeps their operands in cache (2x faster than a 4096x4096 matrix at once)
+CHUNK_WEIGHTS = 1 << 18
+
+
+def _quantize_blocks(block: BlockType, x: torch.Tensor, importance: torch.Tensor | None) -> tuple[Fields, torch.Tensor]:
+    """``block.quantize`` over chunks of rows (every llama.cpp quantizer works row by row)."""
+    step = max(1, CHUNK_WEIGHTS // (x.shape[1] * x.shape[2]))
+    pieces = [block.quantize(x[start : start + step], importance) for start in range(0, x.shape[0], step)]
+    if len(pieces) == 1:
+        return pieces[0]
+    fields = {name: torch.cat([piece[0][name] for piece in pieces]) for name in pieces[0][0]}
+    return fields, torch.cat([piece[1] for piece in pieces])
+
+
 def quantize_ggml(type_name: str, matrix: torch.Tensor, importance: torch.Tensor | None = None) -> torch.Tensor:
     """llama.cpp's bytes for ``matrix`` in type ``type_name``: uint8 ``(rows, bytes_per_row)``.
 
@@ -101,7 +116,7 @@ def quantize_ggml(type_name: str, matrix: torch.Tensor, importance: torch.Tensor
     check_matrix(matrix, block.name)
     check_finite(matrix, block.name)
     x = _blocks(block, matrix.detach().cpu())
-    fields, codes = block.quantize(x, _importance(block, importance, matrix.shape[1]))
+    fields, codes = _quantize_blocks(block, x, _importance(block, importance, matrix.shape[1]))
     return block.to_bytes(codes, fields).reshape(matrix.shape[0], -1)
 
 
@@ -183,7 +198,7 @@ class GGUFFormat(Format):
             )
             fields, codes = block.from_bytes(raw)
         else:
-            fields, codes = block.quantize(x.cpu(), _importance(block, importance, weight.shape[1]))
+            fields, codes = _quantize_blocks(block, x.cpu(), _importance(block, importance, weight.shape[1]))
         return GGUFParams(fields), codes.reshape(weight.shape[0], -1)
 
     def _span(self, params: GGUFParams, width: int, columns: slice | None) -> tuple[Fields, int]:

@@ -45,14 +45,26 @@ KVALUES_IQ4NL = torch.tensor(
 NTRY = 7
 
 
+def _tables() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For ``i = -128 .. 127`` (row ``i + 128``): ``upper``, the index of the first value
+    above any float whose floor is ``i`` (the values are integers), kept within 1..15 as C's
+    search keeps it, and the two values around it."""
+    upper = (KVALUES_IQ4NL.view(1, 16) <= torch.arange(-128, 128, dtype=torch.float32).view(256, 1)).sum(1)
+    upper = upper.clamp(1, 15)
+    return upper, KVALUES_IQ4NL[upper - 1], KVALUES_IQ4NL[upper]
+
+
+UPPER, BELOW, ABOVE = _tables()
+
+
 def best_index(x: torch.Tensor) -> torch.Tensor:
-    """``best_index_int8(16, kvalues_iq4nl, x)``: the nearest value's index, ties to the upper one."""
-    values = KVALUES_IQ4NL.to(x.device)
-    upper = torch.bucketize(x, values, right=True).clamp(1, 15)  # first value > x
-    below, above = values[upper - 1], values[upper]
-    index = torch.where(x - below < above - x, upper - 1, upper)
-    index = torch.where(x <= values[0], 0, index)
-    return torch.where(x >= values[15], 15, index)
+    """``best_index_int8(16, kvalues_iq4nl, x)``: the nearest value's index, ties to the upper
+    one, with C's own comparison ``x - val[mu-1] < val[mu] - x``. Below the first value the
+    comparison picks 0 and above the last 15, as C's early returns do; NaN looks up the top
+    row and fails the comparison: 15, as in C."""
+    row = torch.floor(torch.nan_to_num(x, nan=127.0).clamp(-128, 127)).long() + 128
+    lower = (x - BELOW.to(x.device)[row]) < (ABOVE.to(x.device)[row] - x)
+    return UPPER.to(x.device)[row] - lower.long()
 
 
 def _inverse(d: torch.Tensor) -> torch.Tensor:
@@ -67,11 +79,18 @@ def search_scales(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     empty = amax < GROUP_MAX_EPS
     top = torch.where(empty, torch.ones_like(top), top)
     values = KVALUES_IQ4NL.to(x.device)
+    x, weights = x.t().contiguous(), weights.t().contiguous()  # element i of every block in row i
+    terms = torch.empty((2, *x.shape), dtype=torch.float32)
 
     def sums(inverse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        q = values[best_index(inverse.unsqueeze(-1) * x)]
-        wq = weights * q
-        return seq_sum(wq * x), seq_sum(wq * q)
+        q = values[best_index(inverse * x)]
+        torch.mul(weights, q, out=terms[0])
+        torch.mul(terms[0], q, out=terms[1])
+        torch.mul(terms[0], x, out=terms[0])
+        acc = torch.zeros(terms.shape[::2], dtype=torch.float32)
+        for i in range(x.shape[0]):
+            acc = acc + terms[:, i]
+        return acc[0], acc[1]
 
     d = -top / values[0]
     sumqx, sumq2 = sums(f32(1) / d)

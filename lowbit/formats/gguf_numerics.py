@@ -123,21 +123,36 @@ def as_int8(value: torch.Tensor) -> torch.Tensor:
     return ((value + 128) & 0xFF) - 128
 
 
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """``(blocks, n)`` -> ``(n, blocks)`` contiguous: the searches below keep element ``i`` of
+    every block in one contiguous row, so C's element loop is a loop over rows."""
+    return x.t().contiguous()
+
+
+def _sum_rows(terms: torch.Tensor, start: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`seq_sum` over the rows of an ``(n, ...)`` tensor (several sums at once when the
+    rows are ``(k, blocks)``)."""
+    acc = torch.zeros(terms.shape[1:], dtype=torch.float32) if start is None else start
+    for row in terms:
+        acc = acc + row
+    return acc
+
+
 def make_qx_quants(x: torch.Tensor, nmax: int, weights: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """``make_qx_quants(n, nmax, x, L, rmse_type=1, qw)``: a signed scale and codes ``L`` in
     ``0 .. 2*nmax-1`` (offset ``nmax``). ``weights`` None: ``x*x``, as the C code without ``qw``."""
     amax, top = first_absmax(x)
-    w = x * x if weights is None else weights
+    empty = amax < GROUP_MAX_EPS
+    safe_top = torch.where(empty, torch.ones_like(top), top)
+    x = _rows(x)
+    w = x * x if weights is None else _rows(weights)
     wx = w * x
 
-    def attempt(
-        iscale: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        level = nearest_int(iscale.unsqueeze(-1) * x).clamp(-nmax, nmax - 1)
+    def attempt(iscale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        level = nearest_int(iscale * x).clamp(-nmax, nmax - 1)
         lf = level.float()
-        return level, seq_sum(wx * lf), seq_sum(w * lf * lf)
+        return level, _sum_rows(wx * lf), _sum_rows(w * lf * lf)
 
-    safe_top = torch.where(amax < GROUP_MAX_EPS, torch.ones_like(top), top)
     level, sumlx, suml2 = attempt(f32(-nmax) / safe_top)
     scale = torch.where(suml2 != 0, sumlx / suml2, torch.zeros_like(sumlx))
     best = scale * sumlx
@@ -146,11 +161,10 @@ def make_qx_quants(x: torch.Tensor, nmax: int, weights: torch.Tensor | None) -> 
             continue
         candidate, slx, sl2 = attempt(-(nmax + f32(0.1) * step) / safe_top)
         better = (sl2 > 0) & (slx * slx > best * sl2)
-        level = torch.where(better.unsqueeze(-1), candidate, level)
+        level = torch.where(better, candidate, level)
         scale = torch.where(better, slx / sl2, scale)
         best = torch.where(better, scale * slx, best)
-    empty = amax < GROUP_MAX_EPS
-    codes = torch.where(empty.unsqueeze(-1), 0, level + nmax)
+    codes = torch.where(empty, 0, level + nmax).t()
     return torch.where(empty, torch.zeros_like(scale), scale), codes.to(torch.uint8)
 
 
@@ -160,26 +174,27 @@ def make_q3_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tens
     amax, top = first_absmax(x)
     empty = amax < GROUP_MAX_EPS
     safe_top = torch.where(empty, torch.ones_like(top), top)
+    x = _rows(x)
     w = x * x
     wx = w * x
-    level = nearest_int((f32(-nmax) / safe_top).unsqueeze(-1) * x).clamp(-nmax, nmax - 1)
+    level = nearest_int((f32(-nmax) / safe_top) * x).clamp(-nmax, nmax - 1)
     lf = level.float()
-    sumlx, suml2 = seq_sum(wx * lf), seq_sum(w * lf * lf)
+    sumlx, suml2 = _sum_rows(wx * lf), _sum_rows(w * lf * lf)
     for _ in range(5):
-        for i in range(x.shape[-1]):
-            xi, wi, wxi, li = x[:, i], w[:, i], wx[:, i], level[:, i].float()
+        for i in range(x.shape[0]):
+            xi, wi, wxi, li = x[i], w[i], wx[i], level[i].float()
             slx = sumlx - wxi * li
             sl2 = suml2 - wi * li * li
             new = nearest_int(xi * sl2 / slx).clamp(-nmax, nmax - 1)
             newf = new.float()
             slx2 = slx + wxi * newf
             sl22 = sl2 + wi * newf * newf
-            take = (slx > 0) & (new != level[:, i]) & (sl22 > 0) & (slx2 * slx2 * suml2 > sumlx * sumlx * sl22)
-            level[:, i] = torch.where(take, new, level[:, i])
+            take = (slx > 0) & (new != level[i]) & (sl22 > 0) & (slx2 * slx2 * suml2 > sumlx * sumlx * sl22)
+            level[i] = torch.where(take, new, level[i])
             sumlx = torch.where(take, slx2, sumlx)
             suml2 = torch.where(take, sl22, suml2)
     scale = torch.where(suml2 > 0, sumlx / suml2, torch.zeros_like(sumlx))
-    codes = torch.where(empty.unsqueeze(-1), 0, level + nmax)
+    codes = torch.where(empty, 0, level + nmax).t()
     return torch.where(empty, torch.zeros_like(scale), scale), codes.to(torch.uint8)
 
 
@@ -200,26 +215,31 @@ def make_qkx_quants(
     low = torch.where(low > 0, torch.zeros_like(low), low)
     flat = high == low
     span = torch.where(flat, torch.ones_like(high), high - low)
-    sum_w = seq_sum(weights[:, 1:], weights[:, 0])
-    sum_x = seq_sum(weights[:, 1:] * x[:, 1:], weights[:, 0] * x[:, 0])
+    x, weights = _rows(x), _rows(weights)
+    sum_w = _sum_rows(weights[1:], weights[0])
+    sum_x = _sum_rows(weights[1:] * x[1:], weights[0] * x[0])
 
     def levels(iscale: torch.Tensor, minimum: torch.Tensor) -> torch.Tensor:
-        return nearest_int(iscale.unsqueeze(-1) * (x - minimum.unsqueeze(-1))).clamp(0, nmax).float()
+        return nearest_int(iscale * (x - minimum)).clamp(0, nmax).float()
 
     def error(scale: torch.Tensor, minimum: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
-        diff = scale.unsqueeze(-1) * level + minimum.unsqueeze(-1) - x
-        return seq_sum(weights * (diff.abs() if use_mad else diff * diff))
+        diff = scale * level + minimum - x
+        return _sum_rows(weights * (diff.abs() if use_mad else diff * diff))
 
     iscale = f32(nmax) / span
     scale = f32(1) / iscale
-    level = levels(iscale, low)
-    best = error(scale, low, level)
+    best = error(scale, low, levels(iscale, low))
     minimum = low
+    # the winner's codes are levels(chosen_iscale, chosen_from) again: kept as two numbers a block
+    chosen_iscale, chosen_from = iscale, low
+    terms = torch.empty((3, *x.shape), dtype=torch.float32)
     for step in range(nstep + 1):  # a better candidate moves the minimum the next ones start from
         iscale = (f32(rmin) + f32(rdelta) * step + nmax) / torch.where(flat, span, high - minimum)
         candidate = levels(iscale, minimum)
-        wl = weights * candidate
-        sum_l, sum_l2, sum_xl = seq_sum(wl), seq_sum(wl * candidate), seq_sum(wl * x)
+        torch.mul(weights, candidate, out=terms[0])
+        torch.mul(terms[0], candidate, out=terms[1])
+        torch.mul(terms[0], x, out=terms[2])
+        sum_l, sum_l2, sum_xl = _sum_rows(terms.transpose(0, 1))
         det = sum_w * sum_l2 - sum_l * sum_l
         this_scale = (sum_w * sum_xl - sum_x * sum_l) / det
         this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det
@@ -228,61 +248,59 @@ def make_qkx_quants(
         this_min = torch.where(positive, torch.zeros_like(this_min), this_min)
         current = error(this_scale, this_min, candidate)
         better = (det > 0) & (current < best)
-        level = torch.where(better.unsqueeze(-1), candidate, level)
+        chosen_iscale = torch.where(better, iscale, chosen_iscale)
+        chosen_from = torch.where(better, minimum, chosen_from)
         best = torch.where(better, current, best)
         scale = torch.where(better, this_scale, scale)
         minimum = torch.where(better, this_min, minimum)
     scale = torch.where(flat, torch.zeros_like(scale), scale)
-    codes = torch.where(flat.unsqueeze(-1), 0.0, level).to(torch.uint8)
+    codes = torch.where(flat, 0.0, levels(chosen_iscale, chosen_from)).t().to(torch.uint8)
     return scale, torch.where(flat, -low, -minimum), codes
 
 
 def make_qp_quants(x: torch.Tensor, nmax: int, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``make_qp_quants(n, nmax, x, L, quant_weights)``: one positive scale for the non-negative
     values ``x`` (a super-block's sub-block scales or mins) and their codes ``0..nmax``."""
-    top = torch.zeros(x.shape[:-1], dtype=torch.float32)
-    for i in range(x.shape[-1]):  # MAX(max, x[i]): a signed zero follows C's comparison
-        top = torch.where(top > x[:, i], top, x[:, i])
+    x, w = _rows(x), _rows(weights)
+    top = torch.zeros(x.shape[1:], dtype=torch.float32)
+    for row in x:  # MAX(max, x[i]): a signed zero follows C's comparison
+        top = torch.where(top > row, top, row)
     empty = top < GROUP_MAX_EPS
     top = torch.where(empty, torch.ones_like(top), top)
-    w = weights
     wx = w * x
 
     def mse(scale: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
-        diff = x - scale.unsqueeze(-1) * level
-        return seq_sum(w * diff * diff)
+        diff = x - scale * level
+        return _sum_rows(w * diff * diff)
 
     iscale = f32(nmax) / top
-    stored = (nearest_int(iscale.unsqueeze(-1) * x) & 0xFF).float()
+    stored = (nearest_int(iscale * x) & 0xFF).float()
     best = mse(f32(1) / iscale, stored)
     for step in range(-4, 5):
         if step == 0:
             continue
         iscale_is = (f32(0.1) * step + nmax) / top
-        current = mse(
-            f32(1) / iscale_is,
-            nearest_int(iscale_is.unsqueeze(-1) * x).clamp(max=nmax).float(),
-        )
+        current = mse(f32(1) / iscale_is, nearest_int(iscale_is * x).clamp(max=nmax).float())
         better = current < best
         best = torch.where(better, current, best)
         iscale = torch.where(better, iscale_is, iscale)
-    level = nearest_int(iscale.unsqueeze(-1) * x).clamp(max=nmax)
+    level = nearest_int(iscale * x).clamp(max=nmax)
     lf = level.float()
-    sumlx, suml2 = seq_sum(wx * lf), seq_sum(w * lf * lf)
+    sumlx, suml2 = _sum_rows(wx * lf), _sum_rows(w * lf * lf)
     stored = level & 0xFF
     for _ in range(5):
-        for i in range(x.shape[-1]):
-            xi, wi, wxi, li = x[:, i], w[:, i], wx[:, i], stored[:, i].float()
+        for i in range(x.shape[0]):
+            xi, wi, wxi, li = x[i], w[i], wx[i], stored[i].float()
             slx = sumlx - wxi * li
             sl2 = suml2 - wi * li * li
             new = nearest_int(xi * sl2 / slx).clamp(max=nmax)
             newf = new.float()
             slx2 = slx + wxi * newf
             sl22 = sl2 + wi * newf * newf
-            take = (slx > 0) & (sl2 > 0) & (new != stored[:, i]) & (slx2 * slx2 * suml2 > sumlx * sumlx * sl22)
-            stored[:, i] = torch.where(take, new & 0xFF, stored[:, i])
+            take = (slx > 0) & (sl2 > 0) & (new != stored[i]) & (slx2 * slx2 * suml2 > sumlx * sumlx * sl22)
+            stored[i] = torch.where(take, new & 0xFF, stored[i])
             sumlx = torch.where(take, slx2, sumlx)
             suml2 = torch.where(take, sl22, suml2)
     scale = torch.where(suml2 > 0, sumlx / suml2, torch.zeros_like(sumlx))
     scale = torch.where(empty, torch.zeros_like(scale), scale)
-    return scale, torch.where(empty.unsqueeze(-1), 0, stored).to(torch.uint8)
+    return scale, torch.where(empty, 0, stored).t().to(torch.uint8)
