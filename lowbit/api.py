@@ -25,6 +25,7 @@ from lowbit.device import resolve_device
 from lowbit.errors import LowbitError
 from lowbit.export import export_model, get_exporter
 from lowbit.export.atomic import check_output
+from lowbit.export.foreign import foreign_method, inspect_foreign, load_foreign
 from lowbit.export.native import estimated_bytes
 from lowbit.inspection import inspect_checkpoint
 from lowbit.nn import dense_cache
@@ -36,6 +37,7 @@ from lowbit.sources import (
     DEFAULT_MODEL,
     ModelSource,
     builtin_calibration_path,
+    check_calibration_length,
     load_model,
     load_text,
     load_tokenizer,
@@ -61,6 +63,10 @@ def _model_and_tokenizer(model: ModelLike, tokenizer=None, dtype=None, lazy: boo
     unquantized model's weights stay on disk (``model.lowbit_weights`` loads them)."""
     if isinstance(model, nn.Module):
         return model, tokenizer or getattr(model, "lowbit_tokenizer", None)
+    if foreign_method(model) is not None:  # a GPTQ, AWQ or compressed-tensors checkpoint made elsewhere
+        loaded, loaded_tokenizer = load_foreign(model)
+        loaded.lowbit_tokenizer, loaded.lowbit_source = tokenizer or loaded_tokenizer, str(model)
+        return loaded, loaded.lowbit_tokenizer
     source = resolve_model(model)
     if source.kind == "native":
         from lowbit.export.native import load_native
@@ -85,9 +91,13 @@ def load(path: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dtype | str | Non
 BUILTIN_CALIBRATION_SAMPLES = 16
 
 
-def calibration_tokens(tokenizer, data: str | os.PathLike, samples: int = 128, length: int = 512, seed: int = 0) -> torch.Tensor:
-    """``samples`` calibration windows of ``length`` tokens at random starts of the text in ``data``."""
-    return random_windows(tokenize(tokenizer, load_text(data)), samples, length, seed)
+def calibration_tokens(
+    tokenizer, data: str | os.PathLike, samples: int = 128, length: int = 512, seed: int = 0, distinct: bool = True
+) -> torch.Tensor:
+    """``samples`` calibration windows of ``length`` tokens at random starts of the text in ``data``
+    (a .txt, a .jsonl of texts or chats, or a directory). The text must hold ``samples * length``
+    tokens unless ``distinct`` is False (windows may then overlap: the short built-in text)."""
+    return random_windows(tokenize(tokenizer, load_text(data, tokenizer)), samples, length, seed, distinct)
 
 
 def _calibration_for(plans: list[Plan], tokenizer, calibration, samples: int, length: int) -> torch.Tensor | None:
@@ -98,7 +108,7 @@ def _calibration_for(plans: list[Plan], tokenizer, calibration, samples: int, le
         return calibration_tokens(tokenizer, calibration, samples, length)
     if tokenizer is None or not any(plan_uses_statistics(plan) for plan in plans):
         return None
-    return calibration_tokens(tokenizer, builtin_calibration_path(), BUILTIN_CALIBRATION_SAMPLES, length)
+    return calibration_tokens(tokenizer, builtin_calibration_path(), BUILTIN_CALIBRATION_SAMPLES, length, distinct=False)
 
 
 _KEEP_DTYPES = {
@@ -288,6 +298,67 @@ def export(
     }
 
 
+def imatrix(
+    model: ModelLike,
+    calibration: str | os.PathLike | torch.Tensor,
+    output: str | os.PathLike | None = None,
+    *,
+    calibration_samples: int = 128,
+    calibration_length: int = 512,
+    bos: bool | None = None,
+    tokenizer=None,
+    device: str | torch.device | None = None,
+    batch_size: int = 8,
+    overwrite: bool = False,
+    progress: bool = True,
+):
+    """The importance matrix of ``model`` over the ``calibration`` text, as llama.cpp's
+    ``llama-imatrix`` measures it; written to ``output`` in its GGUF format when given
+    (``llama-quantize --imatrix`` reads it). Returns the
+    :class:`~lowbit.algorithms.imatrix.ImportanceMatrix`.
+
+    The chunks are ``llama-imatrix``'s: the first ``calibration_samples`` consecutive windows
+    of ``calibration_length`` tokens from the start of the text (a text too short for them is
+    an error with the numbers), each window's first token replaced by BOS when the tokenizer
+    adds one (``bos``: force it on or off). ``calibration`` may also be token ids
+    ``(samples, length)``, used as they are. The output is checked before any work.
+    """
+    from lowbit.imatrix_file import check_imatrix_output, write_imatrix
+    from lowbit.importance import collect_importance
+
+    if output is not None:
+        check_imatrix_output(output, overwrite)
+    _check_batch_size(batch_size)
+    resolve_device(device)
+    if isinstance(calibration, torch.Tensor):
+        tokens, dataset = calibration, "token ids"
+    else:  # the text is read and checked before any model loads
+        tokenizer = _tokenizer_first(model, tokenizer)
+        tokens, dataset = imatrix_chunks(tokenizer, calibration, calibration_samples, calibration_length, bos), str(calibration)
+    model, tokenizer = _model_and_tokenizer(model, tokenizer, lazy=True)
+    if getattr(model, "lowbit_manifest", None) is not None:
+        raise LowbitError("this model is already quantized by lowbit; an importance matrix is measured on the unquantized model")
+    _check_calibration(model, None, tokens, *tokens.shape)
+    matrix = collect_importance(model, tokens, dataset=dataset, device=device, batch_size=batch_size, progress=progress)
+    if output is not None:
+        write_imatrix(matrix, output, overwrite)
+    return matrix
+
+
+def imatrix_chunks(tokenizer, data: str | os.PathLike, samples: int, length: int, bos: bool | None = None) -> torch.Tensor:
+    """``llama-imatrix``'s chunks of the text in ``data``: the first ``samples`` windows of
+    ``length`` tokens, the first token of each replaced by BOS when ``bos`` (default: when the
+    tokenizer adds one, :func:`expects_bos`)."""
+    tokens = tokenize(tokenizer, load_text(data, tokenizer))
+    check_calibration_length(tokens, samples, length)
+    chunks = tokens[: samples * length].reshape(samples, length).clone()
+    if expects_bos(tokenizer) if bos is None else bos:
+        if getattr(tokenizer, "bos_token_id", None) is None:
+            raise LowbitError("this tokenizer has no BOS token to start the chunks with; pass bos=False (--no-bos)")
+        chunks[:, 0] = tokenizer.bos_token_id
+    return chunks
+
+
 def expects_bos(tokenizer) -> bool:
     """Whether the model expects a BOS token first: its tokenizer puts one at the start of
     ``tokenizer("a")`` (SmolLM2's does not; Llama's and Gemma's do)."""
@@ -308,7 +379,7 @@ def evaluation_windows(
     tokens of text (``None``: when the tokenizer adds one itself, :func:`expects_bos`). Without
     BOS a window is ``window_length`` tokens of text.
     """
-    tokens = tokenize(tokenizer, load_text(data))
+    tokens = tokenize(tokenizer, load_text(data, tokenizer))
     use_bos = expects_bos(tokenizer) if bos is None else bos
     if use_bos and getattr(tokenizer, "bos_token_id", None) is None:
         raise LowbitError("this tokenizer has no BOS token to start the windows with; evaluate with bos=False (--no-bos)")
@@ -448,6 +519,7 @@ class _Measurement:
         self.reference_row = {"scheme": f"reference ({_describe(self.base)['dtype']})", **_describe(self.base)}
         self.reference_row.update(evaluate_windows(self.base, self.windows, self.reference, batch_size, progress))
         self.reference_row["quantization_seconds"] = None
+        return_freed_memory()  # the reference's logits are summed up: hand their pages back
 
     def measure(self, plan: Plan) -> dict:
         candidate = _sharing_copy(self.base)
@@ -652,7 +724,10 @@ def generate(
 
 
 def inspect(path: str | os.PathLike) -> dict:
-    """What a lowbit checkpoint, HF directory or GGUF file holds, read from headers only."""
+    """What a lowbit checkpoint, HF directory, GGUF file, or GPTQ / AWQ / compressed-tensors
+    checkpoint holds, read from headers only."""
+    if foreign_method(path) is not None:
+        return inspect_foreign(path)
     return inspect_checkpoint(path)
 
 

@@ -220,17 +220,22 @@ def evaluate_windows(
     for index, batch in enumerate(tqdm(batches, desc="evaluating", unit="batch", disable=not progress)):
         start = time.perf_counter()
         logits, hidden = _forward(model, batch)
-        log_probs = torch.log_softmax(logits.float(), dim=-1).cpu()
+        logits = logits.float().cpu()
         forward_seconds += time.perf_counter() - start
+        # -log softmax(logits)[target] = logsumexp(logits) - logits[target]: no vocabulary-sized
+        # copy of the window's distributions is made unless the fallback KL below needs one
+        log_partition = _log_partition(logits)
         targets = batch[:, 1:].unsqueeze(-1)
-        nll += (-log_probs[:, :-1].gather(-1, targets).squeeze(-1).double().mean(-1)).tolist()
+        target_logits = logits[:, :-1].gather(-1, targets).squeeze(-1).double()
+        nll += (log_partition[:, :-1] - target_logits).mean(-1).tolist()
         if reference is None:
             continue
         if use_summary and hidden is not None:
             ref = reference.batches[index]
-            kl_window = _kl_from_summary(ref, hidden.cpu(), _log_partition(logits).cpu())
-            agree_window = (ref.top1 == log_probs.argmax(-1)).sum(-1)
+            kl_window = _kl_from_summary(ref, hidden.cpu(), log_partition)
+            agree_window = (ref.top1 == logits.argmax(-1)).sum(-1)
         else:
+            log_probs = torch.log_softmax(logits, dim=-1)
             ref_log_probs = log_probs if reference_model is model else _log_probs(reference_model, batch)
             kl_window = torch.cat(
                 [(r.exp() * (r - q)).sum(-1) for r, q in zip(ref_log_probs.split(POSITION_CHUNK, -2), log_probs.split(POSITION_CHUNK, -2))],
