@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from lowbit.advisor.gguf_mixes import GGUF_PREFIX, gguf_mix, gguf_tensor_bytes, gguf_type_of, is_gguf_name
+from lowbit.advisor.gguf_mixes import GGUF_PREFIX, gguf_mix, gguf_tensor_bytes, gguf_types_of, is_gguf_name
 from lowbit.advisor.memory import HALF_BYTES
 from lowbit.advisor.shapes import (
     EMBEDDING,
@@ -59,8 +59,8 @@ def linear_bits_per_weight(config: dict[str, Any], shapes: list[ParameterShape],
     quantize and size), whatever the embeddings cost."""
     linears = [p for p in shapes if p.kind in QUANTIZED_KINDS]
     if is_gguf_name(format_name):
-        mix, dims = gguf_mix(format_name), Dimensions.of(config)
-        stored = sum(gguf_tensor_bytes(gguf_type_of(p, mix, dims), p.shape) for p in linears)
+        types = dict(zip(shapes, gguf_types_of(shapes, format_name, Dimensions.of(config))))
+        stored = sum(gguf_tensor_bytes(types[p], p.shape) for p in linears)
     else:
         weight_format = get_format(format_name)
         stored = sum(weight_format.storage_bytes(p.shape) for p in linears)
@@ -72,8 +72,7 @@ def weight_bytes_of_shapes(
 ) -> int:
     """:func:`weight_bytes` for shapes already computed from ``config`` (a report sizes many formats)."""
     if is_gguf_name(format_name):
-        mix, dims = gguf_mix(format_name), Dimensions.of(config)
-        by_type = Counter((gguf_type_of(p, mix, dims), p.shape) for p in shapes)
+        by_type = Counter(zip(gguf_types_of(shapes, format_name, Dimensions.of(config)), (p.shape for p in shapes)))
         return sum(count * gguf_tensor_bytes(gguf_type, shape) for (gguf_type, shape), count in by_type.items())
     weight_format = get_format(format_name)
     quantized_kinds = QUANTIZED_KINDS if keep_embeddings else QUANTIZED_KINDS | {EMBEDDING, LM_HEAD}

@@ -160,8 +160,9 @@ def llama_cpp_order(sites: Sequence[TensorSite]) -> list[TensorSite]:
 def allows_quantization(site: TensorSite) -> bool:
     """``tensor_allows_quantization`` for lowbit's families: 2-D ``*weight`` tensors but norms and routers."""
     name = site.name
+    dims = len(site.shape) - next((i for i, n in enumerate(site.shape[:-1]) if n != 1), len(site.shape) - 1)
     return (
-        len(site.shape) >= 2
+        dims >= 2  # ggml_n_dims: a (1, n) tensor is 1-D to ggml
         and name.endswith("weight")
         and "_norm.weight" not in name
         and "ffn_gate_inp.weight" not in name
