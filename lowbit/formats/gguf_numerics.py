@@ -18,10 +18,10 @@ llama-cpp-python 0.3.36) with C's float semantics:
 The iterative searches (``make_qx_quants``, ``make_qkx2_quants``/``make_qkx3_quants``,
 ``make_q3_quants``, ``make_qp_quants``) keep one state per block and loop over candidates
 and elements with tensor ops across all blocks at once. Their early exits ("break when
-nothing changed") are dropped: a pass that changes nothing leaves the state as it was, so
-the passes after it change nothing either. Inputs are ``(blocks, n)`` float32 tensors;
-results are per block. Written by hand because no library exposes llama.cpp's quantizers
-as array code (gguf-py quantizes Q8_0/Q4_0/Q4_1/Q5_0/Q5_1 only, and without importance).
+nothing changed") become one exit when no block changed in a pass: a pass that changes
+nothing leaves a block's state as it was, so further passes change nothing either. Inputs
+are ``(blocks, n)`` float32 tensors; results are per block. Written by hand because no
+library exposes llama.cpp's quantizers as array code (gguf-py quantizes Q8_0/Q4_0/Q4_1/Q5_0/Q5_1 only, and without importance).
 """
 
 from __future__ import annotations
@@ -148,23 +148,33 @@ def make_qx_quants(x: torch.Tensor, nmax: int, weights: torch.Tensor | None) -> 
     w = x * x if weights is None else _rows(weights)
     wx = w * x
 
-    def attempt(iscale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        level = nearest_int(iscale * x).clamp(-nmax, nmax - 1)
-        lf = level.float()
-        return level, _sum_rows(wx * lf), _sum_rows(w * lf * lf)
+    terms = torch.empty((2, *x.shape), dtype=torch.float32)
 
-    level, sumlx, suml2 = attempt(f32(-nmax) / safe_top)
+    def levels(iscale: torch.Tensor) -> torch.Tensor:
+        return nearest_int(iscale * x).clamp(-nmax, nmax - 1)
+
+    def attempt(iscale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        lf = levels(iscale).float()
+        torch.mul(wx, lf, out=terms[0])
+        torch.mul(w, lf, out=terms[1])
+        terms[1].mul_(lf)
+        sums = _sum_rows(terms.transpose(0, 1))
+        return sums[0], sums[1]
+
+    chosen = f32(-nmax) / safe_top  # the codes are levels(chosen) of the best candidate
+    sumlx, suml2 = attempt(chosen)
     scale = torch.where(suml2 != 0, sumlx / suml2, torch.zeros_like(sumlx))
     best = scale * sumlx
     for step in range(-9, 10):
         if step == 0:
             continue
-        candidate, slx, sl2 = attempt(-(nmax + f32(0.1) * step) / safe_top)
+        iscale = -(nmax + f32(0.1) * step) / safe_top
+        slx, sl2 = attempt(iscale)
         better = (sl2 > 0) & (slx * slx > best * sl2)
-        level = torch.where(better, candidate, level)
+        chosen = torch.where(better, iscale, chosen)
         scale = torch.where(better, slx / sl2, scale)
         best = torch.where(better, scale * slx, best)
-    codes = torch.where(empty, 0, level + nmax).t()
+    codes = torch.where(empty, 0, levels(chosen) + nmax).t()
     return torch.where(empty, torch.zeros_like(scale), scale), codes.to(torch.uint8)
 
 
@@ -181,6 +191,7 @@ def make_q3_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tens
     lf = level.float()
     sumlx, suml2 = _sum_rows(wx * lf), _sum_rows(w * lf * lf)
     for _ in range(5):
+        moved = torch.zeros_like(sumlx, dtype=torch.bool)
         for i in range(x.shape[0]):
             xi, wi, wxi, li = x[i], w[i], wx[i], level[i].float()
             slx = sumlx - wxi * li
@@ -193,6 +204,9 @@ def make_q3_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tens
             level[i] = torch.where(take, new, level[i])
             sumlx = torch.where(take, slx2, sumlx)
             suml2 = torch.where(take, sl22, suml2)
+            moved |= take
+        if not bool(moved.any()):  # C stops a block after a pass without change; all have
+            break
     scale = torch.where(suml2 > 0, sumlx / suml2, torch.zeros_like(sumlx))
     codes = torch.where(empty, 0, level + nmax).t()
     return torch.where(empty, torch.zeros_like(scale), scale), codes.to(torch.uint8)
@@ -289,6 +303,7 @@ def make_qp_quants(x: torch.Tensor, nmax: int, weights: torch.Tensor) -> tuple[t
     sumlx, suml2 = _sum_rows(wx * lf), _sum_rows(w * lf * lf)
     stored = level & 0xFF
     for _ in range(5):
+        moved = torch.zeros_like(sumlx, dtype=torch.bool)
         for i in range(x.shape[0]):
             xi, wi, wxi, li = x[i], w[i], wx[i], stored[i].float()
             slx = sumlx - wxi * li
@@ -301,6 +316,9 @@ def make_qp_quants(x: torch.Tensor, nmax: int, weights: torch.Tensor) -> tuple[t
             stored[i] = torch.where(take, new & 0xFF, stored[i])
             sumlx = torch.where(take, slx2, sumlx)
             suml2 = torch.where(take, sl22, suml2)
+            moved |= take
+        if not bool(moved.any()):
+            break
     scale = torch.where(suml2 > 0, sumlx / suml2, torch.zeros_like(sumlx))
     scale = torch.where(empty, torch.zeros_like(scale), scale)
     return scale, torch.where(empty, 0, stored).t().to(torch.uint8)
