@@ -35,8 +35,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from lowbit.formats.gguf_blocks import BLOCK_TYPES, quantize_ggml  # noqa: E402
-from lowbit.formats.gguf_types import GGML_TYPES  # noqa: E402
+from lowbit.formats.gguf_blocks import BLOCK_TYPES, quantize_ggml
+from lowbit.formats.gguf_types import GGML_TYPES
 
 
 def load_library() -> ctypes.CDLL:
@@ -68,11 +68,11 @@ def c_quantize(
     return out
 
 
-def best_time(fn, repeat: int) -> tuple[float, object]:
+def best_time(repeat: int, fn, *args) -> tuple[float, object]:
     times, result = [], None
     for _ in range(repeat):
         start = time.perf_counter()
-        result = fn()
+        result = fn(*args)
         times.append(time.perf_counter() - start)
     return min(times), result
 
@@ -94,9 +94,9 @@ def main() -> None:
     print(f"{'type':8} {'path':8} {'lowbit s':>9} {'llama.cpp s':>12} {'ratio':>6}  bytes")
     for type_name in args.types.split(","):
         for label, weights in (("ref", None), ("imatrix", importance)):
-            ours_s, ours = best_time(lambda: quantize_ggml(type_name, weight, weights), args.repeat)
+            ours_s, ours = best_time(args.repeat, quantize_ggml, type_name, weight, weights)
             c_imp = None if weights is None else imp
-            theirs_s, theirs = best_time(lambda: c_quantize(lib, type_name, m, c_imp, args.threads), args.repeat)
+            theirs_s, theirs = best_time(args.repeat, c_quantize, lib, type_name, m, c_imp, args.threads)
             equal = bool(np.array_equal(ours.numpy(), theirs))
             rows.append(
                 {
@@ -106,7 +106,7 @@ def main() -> None:
                     "llama_cpp_s": round(theirs_s, 3),
                     "ratio": round(ours_s / theirs_s, 2),
                     "bytes_equal": equal,
-                }  # fmt: skip
+                }
             )
             print(
                 f"{type_name:8} {label:8} {ours_s:9.2f} {theirs_s:12.2f} {ours_s / theirs_s:6.2f}  {'equal' if equal else 'DIFFER'}"
