@@ -16,6 +16,7 @@ from lowbit.api import (
     evaluate,
     export,
     generate,
+    imatrix,
     inspect,
     load,
     quantize,
@@ -33,7 +34,7 @@ from lowbit.integrations import register_with_transformers
 
 __all__ = [
     "DEFAULT_MODEL", "DEFAULT_SCHEME", "DEFAULT_SCHEMES", "GPTQConfig", "LowbitConfig", "PRESETS", "QUALITY_BUDGETS", "LowbitError", "Plan", "QTensor", "RTNConfig",
-    "__version__", "compare", "method_names", "evaluate", "export", "exporter_names", "generate", "get_format", "inspect", "load",
+    "__version__", "compare", "method_names", "evaluate", "export", "exporter_names", "generate", "get_format", "imatrix", "inspect", "load",
     "quantize", "recipe", "save", "size",
 ]  # fmt: skip
 

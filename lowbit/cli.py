@@ -86,6 +86,20 @@ def cmd_export(args) -> None:
     _print_export(summary)
 
 
+def cmd_imatrix(args) -> None:
+    import lowbit
+
+    matrix = lowbit.imatrix(
+        args.model, args.calibration, args.output, calibration_samples=args.calibration_samples,
+        calibration_length=args.calibration_length, bos=args.bos, device=args.device, batch_size=args.batch_size,
+        overwrite=args.overwrite,
+    )  # fmt: skip
+    print(
+        f"importance of {len(matrix.entries)} tensors over {matrix.chunk_count} chunks of {matrix.chunk_size} tokens\n"
+        f"saved {args.output} (llama.cpp's GGUF imatrix: llama-quantize --imatrix {args.output})"
+    )
+
+
 def cmd_eval(args) -> None:
     import lowbit
     from lowbit.report import COMPARISON_COLUMNS, format_notes, format_table
@@ -264,6 +278,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", default="native", choices=exporter_names(), help="target layout (default native)")
     _add_quantize_options(p, scheme_default=None)
     p.set_defaults(run=cmd_export)
+
+    p = sub.add_parser("imatrix", help="measure an importance matrix in llama.cpp's format (for llama-quantize --imatrix)")
+    p.add_argument("model", help=model_help)
+    p.add_argument("--calibration", required=True, help="calibration text: a .txt file, a .jsonl of texts or chats, or a directory of .txt")
+    p.add_argument("--output", "-o", required=True, help="the imatrix file to write (GGUF, as llama-imatrix writes it)")
+    p.add_argument("--calibration-samples", type=int, default=128, help="chunks taken from the start of the text (default 128)")
+    p.add_argument("--calibration-length", type=int, default=512, help="tokens per chunk (default 512, llama-imatrix's)")
+    p.add_argument("--batch-size", type=int, default=8, help="chunks per forward pass (default 8)")
+    p.add_argument("--device", help="where each layer runs: cpu, cuda, cuda:N (default: cuda if available, else cpu)")
+    p.add_argument("--overwrite", action="store_true", help="replace the output if it exists")
+    p.add_argument(
+        "--bos", action=argparse.BooleanOptionalAction, default=None,
+        help="start every chunk with the BOS token, as llama-imatrix does (default: when the model's tokenizer adds one)",
+    )  # fmt: skip
+    p.set_defaults(run=cmd_imatrix)
 
     p = sub.add_parser("eval", help="perplexity, KL and top-1 against a reference, memory and speed")
     p.add_argument("model", help=model_help + ", or a lowbit checkpoint")

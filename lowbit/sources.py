@@ -526,8 +526,13 @@ def builtin_calibration_path() -> Path:
     return Path(__file__).parent / "data" / "calibration.txt"
 
 
-def load_text(path: str | os.PathLike | None) -> str:
-    """Text from a .txt file, a .jsonl file (its ``text`` fields) or a directory of .txt files."""
+def load_text(path: str | os.PathLike | None, tokenizer=None) -> str:
+    """Text from a .txt file, a .jsonl file or a directory of .txt files.
+
+    A JSONL line is an object with a string ``text`` field, or a chat: a ``messages`` list of
+    ``{"role", "content"}`` objects, rendered by ``tokenizer``'s chat template as the model sees
+    a conversation (so calibration looks like the model's real inputs).
+    """
     if path is None:
         return builtin_sample_path().read_text()
     path = Path(path).expanduser()
@@ -542,15 +547,30 @@ def load_text(path: str | os.PathLike | None) -> str:
         texts = []
         for number, line in enumerate(path.read_text().splitlines(), 1):
             if line.strip():
-                try:
-                    text = json.loads(line)["text"]
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    text = None
-                if not isinstance(text, str):
-                    raise LowbitError(f"{path}:{number} is not a JSON object with a string 'text' field")
-                texts.append(text)
+                texts.append(_jsonl_text(line, f"{path}:{number}", tokenizer))
         return "\n\n".join(texts)
     return path.read_text(errors="replace")
+
+
+def _jsonl_text(line: str, where: str, tokenizer) -> str:
+    """One JSONL line's text: its ``text`` field, or its ``messages`` through the chat template."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        record = None
+    if isinstance(record, dict) and isinstance(record.get("text"), str):
+        return record["text"]
+    messages = record.get("messages") if isinstance(record, dict) else None
+    if not (isinstance(messages, list) and messages and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages
+    )):  # fmt: skip
+        raise LowbitError(
+            f"{where} is not a JSON object with a string 'text' field or a 'messages' list of "
+            "{'role': ..., 'content': ...} objects with string values"
+        )
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise LowbitError(f"{where} is a chat ('messages'), and this model's tokenizer has no chat template to render it with")
+    return tokenizer.apply_chat_template(messages, tokenize=False)
 
 
 def tokenize(tokenizer, text: str) -> torch.Tensor:
@@ -579,15 +599,28 @@ def token_windows(tokens: torch.Tensor, windows: int, length: int, what: str = "
     return tokens[: windows * length].reshape(windows, length)
 
 
-def random_windows(tokens: torch.Tensor, samples: int, length: int, seed: int = 0) -> torch.Tensor:
-    """``samples`` windows of ``length`` tokens at random starts (calibration), reproducibly."""
+def check_calibration_length(tokens: torch.Tensor, samples: int, length: int, distinct: bool = True) -> None:
+    """Refuse calibration text shorter than ``samples`` windows of ``length`` tokens (one window
+    unless ``distinct``: windows may then overlap), with the numbers."""
     if samples < 1 or length < 1:
         raise LowbitError(f"calibration needs at least 1 sample of at least 1 token, got {samples} x {length}")
-    if tokens.numel() < length:
+    samples = samples if distinct else 1
+    if tokens.numel() < samples * length:
+        asked = "one sample" if samples == 1 else f"{samples} samples"
         raise LowbitError(
-            f"the calibration text has {tokens.numel()} tokens, shorter than one sample of {length}; "
-            "give more text or a shorter --calibration-length"
+            f"the calibration text has {tokens.numel():,} tokens, shorter than {asked} of {length} tokens "
+            f"({samples * length:,} needed); give more text, fewer --calibration-samples or a shorter --calibration-length"
         )
+
+
+def random_windows(tokens: torch.Tensor, samples: int, length: int, seed: int = 0, distinct: bool = False) -> torch.Tensor:
+    """``samples`` windows of ``length`` tokens at random starts (calibration), reproducibly.
+
+    Windows may overlap: one window's worth of text is enough (the short built-in text draws
+    16 from 4,500 tokens). With ``distinct`` the text must hold ``samples * length`` tokens, as
+    many as are used: a user's calibration file shorter than what was asked for is an error.
+    """
+    check_calibration_length(tokens, samples, length, distinct)
     generator = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, tokens.numel() - length + 1, (samples,), generator=generator)
     return torch.stack([tokens[s : s + length] for s in starts.tolist()])
