@@ -27,7 +27,7 @@ from torch import nn
 
 from lowbit.errors import LowbitError, UnknownNameError
 from lowbit.export import mlx, native
-from lowbit.export import awq, compressed_tensors, gptq
+from lowbit.export import awq, compressed_tensors, gguf, gptq
 from lowbit.formats import Format
 from lowbit.nn import quantized_linears
 
@@ -102,3 +102,4 @@ register(Exporter("compressed-tensors", "vLLM, transformers (compressed-tensors)
 register(Exporter("gptq", "GPTQModel, transformers, vLLM (GPTQ v1 zeros)", gptq.carries, gptq.writer("gptq")))
 register(Exporter("gptq-v2", "GPTQModel, vLLM (GPTQ v2 zeros)", gptq.carries, gptq.writer("gptq-v2")))
 register(Exporter("awq", "AutoAWQ, GPTQModel, transformers, vLLM (AWQ GEMM)", awq.carries, awq.write))
+register(Exporter("gguf", "llama.cpp, Ollama, LM Studio", gguf.carries, gguf.write))
