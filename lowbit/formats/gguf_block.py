@@ -9,8 +9,11 @@ packed 6-bit scales …) in its C types. Codes are the unsigned integers the str
 
 - ``quantize(x, importance)``: fields and codes exactly as llama.cpp's quantizer writes them
   (``quantize_row_*_ref`` without importance, ``quantize_*`` with ``quant_weights``);
-- ``encode(x, fields)``: the nearest codes under stored fields (what GPTQ needs for weights
-  the fields were not chosen for); ``decode(codes, fields)``: ``dequantize_row_*``, bit-exact;
+- ``grid(fields)``: what every weight's value depends on, per sub-block of ``sub`` weights
+  (a tuple of ``(rows, blocks, block_size // sub)`` float32 tensors: the sub-block's scale,
+  its minimum …), so that ``encode_values`` (the nearest codes under stored fields: what
+  GPTQ needs, one column at a time) and ``decode_values`` (``dequantize_row_*``, bit-exact)
+  are elementwise and work on any column, broadcasting the grid;
 - ``to_bytes`` / ``from_bytes``: codes and fields <-> the struct bytes, ``(rows, blocks, block_bytes)``.
 """
 
@@ -23,12 +26,15 @@ import torch
 from lowbit.formats.gguf_types import GGML_TYPES, GgmlType
 
 Fields = dict[str, torch.Tensor]
+Grid = tuple[torch.Tensor, ...]
 
 
 class BlockType(ABC):
-    """A ggml block type; ``name`` is its ``GGML_TYPES`` key (``"Q4_K"``)."""
+    """A ggml block type; ``name`` is its ``GGML_TYPES`` key (``"Q4_K"``), ``sub`` the number
+    of consecutive weights that share a scale (the block, or a K-quant's sub-block)."""
 
     name: str
+    sub: int
 
     @property
     def ggml(self) -> GgmlType:
@@ -40,12 +46,16 @@ class BlockType(ABC):
         ``(blocks, block_size)`` is the same for every row (the imatrix of the input columns)."""
 
     @abstractmethod
-    def encode(self, x: torch.Tensor, fields: Fields) -> torch.Tensor:
-        """The nearest codes of ``x`` under ``fields``."""
+    def grid(self, fields: Fields) -> Grid:
+        """Per sub-block, what :meth:`encode_values` and :meth:`decode_values` need."""
 
     @abstractmethod
-    def decode(self, codes: torch.Tensor, fields: Fields) -> torch.Tensor:
-        """What ``dequantize_row_*`` computes, float32 ``(rows, blocks, block_size)``."""
+    def encode_values(self, x: torch.Tensor, *grid: torch.Tensor) -> torch.Tensor:
+        """The nearest codes (uint8) of weights ``x`` under the grid values broadcast to them."""
+
+    @abstractmethod
+    def decode_values(self, codes: torch.Tensor, *grid: torch.Tensor) -> torch.Tensor:
+        """What ``dequantize_row_*`` computes for ``codes``, elementwise."""
 
     @abstractmethod
     def to_bytes(self, codes: torch.Tensor, fields: Fields) -> torch.Tensor:
@@ -54,6 +64,20 @@ class BlockType(ABC):
     @abstractmethod
     def from_bytes(self, raw: torch.Tensor) -> tuple[Fields, torch.Tensor]:
         """Inverse of :meth:`to_bytes`: fields and codes."""
+
+    def _by_sub(self, values: torch.Tensor) -> torch.Tensor:
+        """``(rows, blocks, block_size)`` -> ``(rows, blocks, subs, sub)``."""
+        return values.reshape(*values.shape[:-1], -1, self.sub)
+
+    def encode(self, x: torch.Tensor, fields: Fields) -> torch.Tensor:
+        """:meth:`encode_values` of whole blocks ``(rows, blocks, block_size)``."""
+        grid = [g.unsqueeze(-1) for g in self.grid(fields)]
+        return self.encode_values(self._by_sub(x), *grid).reshape(x.shape)
+
+    def decode(self, codes: torch.Tensor, fields: Fields) -> torch.Tensor:
+        """:meth:`decode_values` of whole blocks: ``dequantize_row_*``."""
+        grid = [g.unsqueeze(-1) for g in self.grid(fields)]
+        return self.decode_values(self._by_sub(codes), *grid).reshape(codes.shape)
 
 
 def half_bytes(value: torch.Tensor) -> torch.Tensor:

@@ -8,18 +8,20 @@ in a plan file and on the command line.
 The one stored part, ``blocks``, is uint8 ``(rows, bytes_per_row)`` and holds exactly the
 ``block_*`` structs llama.cpp writes for the rows, in order: a GGUF writer copies it into the
 file and a GGUF reader wraps a tensor's bytes as a QTensor without conversion. Rows must be
-a multiple of the type's block (ValueError otherwise; choosing llama.cpp's fallback type for
-such rows is the GGUF mix's job, ``gguf_types.TENSOR_TYPE_FALLBACK``).
+a multiple of the type's block (:class:`BlockShapeError` otherwise, a LowbitError and a
+ValueError naming llama.cpp's fallback type; choosing that type for such rows is the GGUF
+mix's job, ``gguf_types.TENSOR_TYPE_FALLBACK``).
 
 ``quantize(w, importance=)`` writes the bytes llama.cpp's own quantizer writes
 (``quantize_row_*_ref`` without importance, ``quantize_*`` with an imatrix), bit for bit:
 each type's arithmetic is restated in ``gguf_numerics.py``. ``choose_params`` returns the
-stored fields (:class:`GGUFParams`); ``encode`` rounds to the nearest code under them, which
-is what llama.cpp itself does in its final pass for the K types, while its search keeps its
-own codes in a few cases (the legacy types round with the unrounded ``1/d``; a sub-block
-whose stored scale is zero keeps the search's codes), so ``quantize`` is the composed path
-that reproduces llama.cpp and ``encode``/``decode`` serve GPTQ. ``columns`` slices must start
-and end on block boundaries (the params cover whole rows of super-blocks).
+stored fields (:class:`GGUFParams`); ``encode`` rounds each weight to the nearest code under
+them, which is what llama.cpp itself does in its final pass for the K types, while its search
+keeps its own codes in a few cases (the legacy types round with the unrounded ``1/d``; a
+sub-block whose stored scale is zero keeps the search's codes), so ``quantize`` is the
+composed path that reproduces llama.cpp and ``encode``/``decode`` serve GPTQ. Both are
+elementwise once each column has its sub-block's scale, so ``columns`` may be any slice (GPTQ
+rounds one column at a time with params chosen for the whole matrix).
 
 ``quantize_ggml`` / ``dequantize_ggml`` do the same for any 2-D tensor (embeddings) by ggml
 type name, for the GGUF writer and reader.
@@ -44,6 +46,7 @@ from lowbit.formats.gguf_block import BlockType, Fields
 from lowbit.formats.gguf_iq import IQ_TYPES
 from lowbit.formats.gguf_kquants import K_TYPES
 from lowbit.formats.gguf_legacy import LEGACY_TYPES
+from lowbit.formats.gguf_types import GGML_TYPES, TENSOR_TYPE_FALLBACK
 from lowbit.qtensor import QTensor
 
 #: every block type lowbit quantizes, by ggml type name
@@ -67,14 +70,25 @@ def block_type(type_name: str) -> BlockType:
     return found
 
 
+class BlockShapeError(LowbitError, ValueError):
+    """A row that is not a multiple of the type's block: the user's choice of format does not
+    fit the model (a LowbitError, so the CLI prints it as one line)."""
+
+
 def _blocks(block: BlockType, matrix: torch.Tensor) -> torch.Tensor:
     """``(rows, columns)`` -> float32 ``(rows, blocks, block_size)``, refusing partial blocks."""
     rows, columns = matrix.shape
     size = block.ggml.block_size
     if columns % size:
-        raise ValueError(
-            f"{block.name} stores rows in blocks of {size}; a row of {columns} is not a multiple of it "
-            f"(llama.cpp writes such tensors as its fallback type)"
+        fallback = TENSOR_TYPE_FALLBACK.get(block.name)
+        usual = (
+            f"; llama.cpp writes such a tensor as {fallback} (gguf-{fallback.lower()})"
+            if fallback and columns % GGML_TYPES[fallback].block_size == 0
+            else "; llama.cpp writes such a tensor as F16"
+        )
+        raise BlockShapeError(
+            f"gguf-{block.name.lower()} stores rows in blocks of {size}: a row of {columns} weights "
+            f"is not a multiple of it{usual}"
         )
     return matrix.float().reshape(rows, columns // size, size)
 
@@ -140,6 +154,8 @@ class GGUFFormat(Format):
 
     type_name: str
     family = "gguf"
+    #: ``choose_params(w, importance=)`` takes llama.cpp's imatrix path (other families refuse it)
+    supports_importance = True
 
     @property
     def name(self) -> str:
@@ -201,33 +217,36 @@ class GGUFFormat(Format):
             fields, codes = _quantize_blocks(block, x.cpu(), _importance(block, importance, weight.shape[1]))
         return GGUFParams(fields), codes.reshape(weight.shape[0], -1)
 
-    def _span(self, params: GGUFParams, width: int, columns: slice | None) -> tuple[Fields, int]:
-        span = column_range(columns, width)
+    def _column_grid(self, params: GGUFParams, span: range) -> list[torch.Tensor]:
+        """The grid values of every column of ``span``, ``(rows, len(span))`` each."""
+        block = self.block
+        index = torch.arange(span.start, span.stop) // block.sub
+        flat = [g.reshape(g.shape[0], -1) for g in block.grid(params.fields)]
+        return [g.index_select(1, index.to(g.device)) for g in flat]
+
+    def _whole_blocks(self, span: range) -> slice | None:
         size = self.block.ggml.block_size
-        if span.start % size or span.stop % size:
-            raise ValueError(
-                f"{self.name} encodes whole blocks of {size} columns; got columns {span.start}:{span.stop}"
-            )
-        first, last = span.start // size, span.stop // size
-        return {k: v[:, first:last] for k, v in params.fields.items()}, last - first
+        return slice(span.start // size, span.stop // size) if span.start % size == span.stop % size == 0 else None
 
     def encode(self, weight: torch.Tensor, params: GGUFParams, columns: slice | None = None) -> torch.Tensor:
         check_matrix(weight, self.name)
-        fields, _ = self._span(params, weight.shape[1], columns)
-        block = self.block
-        return block.encode(_blocks(block, weight), fields).reshape(weight.shape[0], -1)
+        span = column_range(columns, weight.shape[1])
+        block, blocks = self.block, self._whole_blocks(span)
+        if blocks is not None:
+            fields = {k: v[:, blocks] for k, v in params.fields.items()}
+            return block.encode(_blocks(block, weight), fields).reshape(weight.shape)
+        return block.encode_values(weight.float(), *self._column_grid(params, span))
 
     def decode(
-        self,
-        codes: torch.Tensor,
-        params: GGUFParams,
-        columns: slice | None = None,
-        dtype: torch.dtype = torch.float32,
+        self, codes: torch.Tensor, params: GGUFParams, columns: slice | None = None, dtype: torch.dtype = torch.float32
     ) -> torch.Tensor:
-        fields, count = self._span(params, codes.shape[1], columns)
-        block = self.block
-        x = codes.reshape(codes.shape[0], count, block.ggml.block_size)
-        return block.decode(x, fields).reshape(codes.shape).to(dtype)
+        span = column_range(columns, codes.shape[1])
+        block, blocks = self.block, self._whole_blocks(span)
+        if blocks is not None:
+            fields = {k: v[:, blocks] for k, v in params.fields.items()}
+            x = codes.reshape(codes.shape[0], -1, block.ggml.block_size)
+            return block.decode(x, fields).reshape(codes.shape).to(dtype)
+        return block.decode_values(codes, *self._column_grid(params, span)).to(dtype)
 
     def pack(self, codes: torch.Tensor, params: GGUFParams) -> dict[str, torch.Tensor]:
         block = self.block

@@ -114,7 +114,8 @@ def _weights(x: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
 
 
 def _codes(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return best_index(_inverse(scale).unsqueeze(-1) * x).to(torch.uint8)
+    """``best_index_int8(16, values, (scale ? 1/scale : 0) * x)``, the scale broadcast to ``x``."""
+    return best_index(_inverse(scale) * x).to(torch.uint8)
 
 
 def _pack_codes(codes: torch.Tensor) -> torch.Tensor:
@@ -131,17 +132,21 @@ def _unpack_codes(packed: torch.Tensor) -> torch.Tensor:
 @dataclass(frozen=True)
 class IQ4NL(BlockType):
     name: str = "IQ4_NL"
+    sub = 32
 
     def quantize(self, x: torch.Tensor, importance: torch.Tensor | None) -> tuple[Fields, torch.Tensor]:
         weights = _weights(x, importance)
         scale = search_scales(x.reshape(-1, 32), weights.reshape(-1, 32)).reshape(x.shape[:-1])
-        return {"d": to_fp16(scale)}, _codes(x, scale)
+        return {"d": to_fp16(scale)}, _codes(x, scale.unsqueeze(-1))
 
-    def encode(self, x: torch.Tensor, fields: Fields) -> torch.Tensor:
-        return _codes(x, from_fp16(fields["d"]))
+    def grid(self, fields: Fields) -> Grid:
+        return (from_fp16(fields["d"]).unsqueeze(-1),)
 
-    def decode(self, codes: torch.Tensor, fields: Fields) -> torch.Tensor:
-        return from_fp16(fields["d"]).unsqueeze(-1) * KVALUES_IQ4NL.to(codes.device)[codes.long()]
+    def encode_values(self, x: torch.Tensor, *grid: torch.Tensor) -> torch.Tensor:
+        return _codes(x, grid[0])
+
+    def decode_values(self, codes: torch.Tensor, *grid: torch.Tensor) -> torch.Tensor:
+        return grid[0] * KVALUES_IQ4NL.to(codes.device)[codes.long()]
 
     def to_bytes(self, codes: torch.Tensor, fields: Fields) -> torch.Tensor:
         return torch.cat([half_bytes(fields["d"]), _pack_codes(codes)], -1)
@@ -153,6 +158,7 @@ class IQ4NL(BlockType):
 @dataclass(frozen=True)
 class IQ4XS(BlockType):
     name: str = "IQ4_XS"
+    sub = 32
 
     def quantize(self, x: torch.Tensor, importance: torch.Tensor | None) -> tuple[Fields, torch.Tensor]:
         lead = x.shape[:-1]
@@ -162,7 +168,7 @@ class IQ4XS(BlockType):
         d = -max_scale / f32(32)
         level = nearest_int(_inverse(d).unsqueeze(-1) * scales).clamp(-32, 31)
         sub = d.unsqueeze(-1) * level.float()  # dl: the float d, not the stored float16
-        codes = _codes(x.reshape(*lead, 8, 32), sub).reshape(x.shape)
+        codes = _codes(self._by_sub(x), sub.unsqueeze(-1)).reshape(x.shape)
         return self._fields(to_fp16(d), level + 32), codes
 
     @staticmethod
@@ -172,21 +178,17 @@ class IQ4XS(BlockType):
         scales_h = (((levels >> 4) & 3) << (2 * torch.arange(8, device=levels.device))).sum(-1)
         return {"d": d, "scales_h": scales_h.to(torch.int16), "scales_l": scales_l}
 
-    @staticmethod
-    def _sub_scales(fields: Fields) -> torch.Tensor:
+    def grid(self, fields: Fields) -> Grid:
         low = fields["scales_l"].long()
         low = torch.stack([low & 0xF, low >> 4], -1).reshape(*low.shape[:-1], 8)
         high = (fields["scales_h"].long() & 0xFFFF).unsqueeze(-1) >> (2 * torch.arange(8, device=low.device))
-        return from_fp16(fields["d"]).unsqueeze(-1) * ((low | ((high & 3) << 4)) - 32).float()
+        return (from_fp16(fields["d"]).unsqueeze(-1) * ((low | ((high & 3) << 4)) - 32).float(),)
 
-    def encode(self, x: torch.Tensor, fields: Fields) -> torch.Tensor:
-        sub = self._sub_scales(fields)
-        return _codes(x.reshape(*x.shape[:-1], 8, 32), sub).reshape(x.shape)
+    def encode_values(self, x: torch.Tensor, *grid: torch.Tensor) -> torch.Tensor:
+        return _codes(x, grid[0])
 
-    def decode(self, codes: torch.Tensor, fields: Fields) -> torch.Tensor:
-        sub = self._sub_scales(fields).unsqueeze(-1)
-        values = KVALUES_IQ4NL.to(codes.device)[codes.long()].reshape(*codes.shape[:-1], 8, 32)
-        return (sub * values).reshape(codes.shape)
+    def decode_values(self, codes: torch.Tensor, *grid: torch.Tensor) -> torch.Tensor:
+        return grid[0] * KVALUES_IQ4NL.to(codes.device)[codes.long()]
 
     def to_bytes(self, codes: torch.Tensor, fields: Fields) -> torch.Tensor:
         scales_h = fields["scales_h"].contiguous().unsqueeze(-1).view(torch.uint8)

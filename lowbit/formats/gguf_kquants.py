@@ -51,20 +51,24 @@ def _safe(d: torch.Tensor) -> torch.Tensor:
     return torch.where(d != 0, d, torch.ones_like(d))
 
 
-def _requantize(
-    x: torch.Tensor,
-    d: torch.Tensor,
-    low: int,
-    high: int,
-    search: torch.Tensor | None,
-    shift: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """``l = clamp(nearest_int((x [+ shift]) / d), low, high) - low`` per sub-block; where the
-    sub-block's ``d`` is zero the codes are ``search``'s (zeros when there is none)."""
-    shifted = x if shift is None else x + shift.unsqueeze(-1)
-    level = nearest_int(shifted / _safe(d).unsqueeze(-1)).clamp(low, high) - low
-    keep = torch.zeros_like(level) if search is None else search.long()
-    return torch.where((d == 0).unsqueeze(-1), keep, level).to(torch.uint8)
+def _affine_codes(x: torch.Tensor, d: torch.Tensor, dm: torch.Tensor, top: int) -> torch.Tensor:
+    """``l = clamp(nearest_int((x + dm) / d), 0, top)``; 0 where the sub-block's ``d`` is 0."""
+    level = nearest_int((x + dm) / _safe(d)).clamp(0, top)
+    return torch.where(d == 0, 0, level).to(torch.uint8)
+
+
+def _signed_codes(x: torch.Tensor, d: torch.Tensor, low: int, high: int) -> torch.Tensor:
+    """``l = clamp(nearest_int(x / d), low, high) - low``; 0 where the sub-block's ``d`` is 0."""
+    level = nearest_int(x / _safe(d)).clamp(low, high) - low
+    return torch.where(d == 0, 0, level).to(torch.uint8)
+
+
+def _final_codes(block: BlockType, x: torch.Tensor, fields: Fields, search: torch.Tensor) -> torch.Tensor:
+    """The last pass of every K-quant: each weight re-rounded against the stored scales, except
+    in sub-blocks whose stored scale is zero, which keep the search's codes (``if (!d) continue``)."""
+    grid = [g.unsqueeze(-1) for g in block.grid(fields)]
+    codes = block.encode_values(block._by_sub(x), *grid)
+    return torch.where(grid[0] == 0, search.reshape(codes.shape).to(torch.uint8), codes).reshape(x.shape)
 
 
 def pack_2bit(codes: torch.Tensor) -> torch.Tensor:
@@ -134,6 +138,7 @@ class ScaleMinK(BlockType):
     rmin: float
     rdelta: float
     nstep: int
+    sub = 32
 
     @property
     def top(self) -> int:
@@ -164,24 +169,17 @@ class ScaleMinK(BlockType):
                 ls, lm = ls.clamp(max=63), lm.clamp(max=63)
             d, dmin = to_fp16(d_block.reshape(lead)), to_fp16(m_block.reshape(lead))
         fields = {"d": d, "dmin": dmin, "scales": pack_scale_min_k4(ls, lm)}
-        return fields, self._codes(x, fields, search.reshape(*lead, 8, 32))
+        return fields, _final_codes(self, x, fields, search)
 
-    def _codes(self, x: torch.Tensor, fields: Fields, search: torch.Tensor | None) -> torch.Tensor:
+    def grid(self, fields: Fields) -> Grid:
         sc, m = unpack_scale_min_k4(fields["scales"])
-        d = from_fp16(fields["d"]).unsqueeze(-1) * sc.float()
-        dm = from_fp16(fields["dmin"]).unsqueeze(-1) * m.float()
-        subs = x.reshape(*x.shape[:-1], 8, 32)
-        return _requantize(subs, d, 0, self.top, search, dm).reshape(x.shape)
+        return from_fp16(fields["d"]).unsqueeze(-1) * sc.float(), from_fp16(fields["dmin"]).unsqueeze(-1) * m.float()
 
-    def encode(self, x: torch.Tensor, fields: Fields) -> torch.Tensor:
-        return self._codes(x, fields, None)
+    def encode_values(self, x: torch.Tensor, *grid: torch.Tensor) -> torch.Tensor:
+        return _affine_codes(x, grid[0], grid[1], self.top)
 
-    def decode(self, codes: torch.Tensor, fields: Fields) -> torch.Tensor:
-        sc, m = unpack_scale_min_k4(fields["scales"])
-        d = from_fp16(fields["d"]).unsqueeze(-1) * sc.float()
-        dm = from_fp16(fields["dmin"]).unsqueeze(-1) * m.float()
-        level = codes.reshape(*codes.shape[:-1], 8, 32).float()
-        return (d.unsqueeze(-1) * level - dm.unsqueeze(-1)).reshape(codes.shape)
+    def decode_values(self, codes: torch.Tensor, *grid: torch.Tensor) -> torch.Tensor:
+        return grid[0] * codes.float() - grid[1]
 
     def to_bytes(self, codes: torch.Tensor, fields: Fields) -> torch.Tensor:
         chunks = codes.long().reshape(*codes.shape[:-1], 4, 2, 32)
@@ -212,6 +210,7 @@ class Q2K(BlockType):
     """Q2_K: 16 sub-blocks of 16, a byte of 4-bit scale and 4-bit min each, 2-bit codes."""
 
     name: str = "Q2_K"
+    sub = 16
 
     def quantize(self, x: torch.Tensor, importance: torch.Tensor | None) -> tuple[Fields, torch.Tensor]:
         lead = x.shape[:-1]
@@ -235,23 +234,19 @@ class Q2K(BlockType):
             byte = ((ls.long() | (lm.long() << 4)) & 0xFF).reshape(*lead, 16)
             d, dmin = to_fp16(dm.reshape(lead)), to_fp16(mm.reshape(lead))
         fields = {"d": d, "dmin": dmin, "scales": byte.to(torch.uint8)}
-        return fields, self._codes(x, fields, search.reshape(*lead, 16, 16))
+        return fields, _final_codes(self, x, fields, search)
 
-    def _codes(self, x: torch.Tensor, fields: Fields, search: torch.Tensor | None) -> torch.Tensor:
+    def grid(self, fields: Fields) -> Grid:
         s = fields["scales"].long()
-        d = from_fp16(fields["d"]).unsqueeze(-1) * (s & 0xF).float()
-        dm = from_fp16(fields["dmin"]).unsqueeze(-1) * (s >> 4).float()
-        return _requantize(x.reshape(*x.shape[:-1], 16, 16), d, 0, 3, search, dm).reshape(x.shape)
+        return from_fp16(fields["d"]).unsqueeze(-1) * (s & 0xF).float(), from_fp16(fields["dmin"]).unsqueeze(-1) * (
+            s >> 4
+        ).float()
 
-    def encode(self, x: torch.Tensor, fields: Fields) -> torch.Tensor:
-        return self._codes(x, fields, None)
+    def encode_values(self, x: torch.Tensor, *grid: torch.Tensor) -> torch.Tensor:
+        return _affine_codes(x, grid[0], grid[1], 3)
 
-    def decode(self, codes: torch.Tensor, fields: Fields) -> torch.Tensor:
-        s = fields["scales"].long()
-        d = from_fp16(fields["d"]).unsqueeze(-1) * (s & 0xF).float()
-        dm = from_fp16(fields["dmin"]).unsqueeze(-1) * (s >> 4).float()
-        level = codes.reshape(*codes.shape[:-1], 16, 16).float()
-        return (d.unsqueeze(-1) * level - dm.unsqueeze(-1)).reshape(codes.shape)
+    def decode_values(self, codes: torch.Tensor, *grid: torch.Tensor) -> torch.Tensor:
+        return grid[0] * codes.float() - grid[1]
 
     def to_bytes(self, codes: torch.Tensor, fields: Fields) -> torch.Tensor:
         return torch.cat(
@@ -278,6 +273,7 @@ class Q3K(BlockType):
     """Q3_K: 16 sub-blocks of 16, signed 6-bit scales, 3-bit codes (2 low bits + ``hmask``)."""
 
     name: str = "Q3_K"
+    sub = 16
 
     def quantize(self, x: torch.Tensor, importance: torch.Tensor | None) -> tuple[Fields, torch.Tensor]:
         lead = x.shape[:-1]
@@ -299,19 +295,16 @@ class Q3K(BlockType):
             level = level.long().reshape(*lead, 16)
             d = to_fp16(d_block.reshape(lead))
         fields = {"d": d, "scales": pack_q3_scales(level)}
-        return fields, self._codes(x, fields, search.reshape(*lead, 16, 16))
+        return fields, _final_codes(self, x, fields, search)
 
-    def _codes(self, x: torch.Tensor, fields: Fields, search: torch.Tensor | None) -> torch.Tensor:
-        d = from_fp16(fields["d"]).unsqueeze(-1) * unpack_q3_scales(fields["scales"]).float()
-        return _requantize(x.reshape(*x.shape[:-1], 16, 16), d, -4, 3, search).reshape(x.shape)
+    def grid(self, fields: Fields) -> Grid:
+        return (from_fp16(fields["d"]).unsqueeze(-1) * unpack_q3_scales(fields["scales"]).float(),)
 
-    def encode(self, x: torch.Tensor, fields: Fields) -> torch.Tensor:
-        return self._codes(x, fields, None)
+    def encode_values(self, x: torch.Tensor, *grid: torch.Tensor) -> torch.Tensor:
+        return _signed_codes(x, grid[0], -4, 3)
 
-    def decode(self, codes: torch.Tensor, fields: Fields) -> torch.Tensor:
-        d = from_fp16(fields["d"]).unsqueeze(-1) * unpack_q3_scales(fields["scales"]).float()
-        level = codes.reshape(*codes.shape[:-1], 16, 16).float() - 4
-        return (d.unsqueeze(-1) * level).reshape(codes.shape)
+    def decode_values(self, codes: torch.Tensor, *grid: torch.Tensor) -> torch.Tensor:
+        return grid[0] * (codes.float() - 4)
 
     def to_bytes(self, codes: torch.Tensor, fields: Fields) -> torch.Tensor:
         high = (codes.long() >> 2) & 1  # code j's high bit goes to hmask[j % 32], bit j // 32
@@ -341,6 +334,7 @@ class Q6K(BlockType):
     """Q6_K: 16 sub-blocks of 16, int8 scales, 6-bit codes (4 low bits in ``ql``, 2 in ``qh``)."""
 
     name: str = "Q6_K"
+    sub = 16
 
     def quantize(self, x: torch.Tensor, importance: torch.Tensor | None) -> tuple[Fields, torch.Tensor]:
         lead = x.shape[:-1]
@@ -356,19 +350,16 @@ class Q6K(BlockType):
         d = to_fp16(torch.where(empty, torch.zeros_like(iscale), f32(1) / iscale))
         fields = {"d": d, "scales": level.to(torch.int8)}
         search = torch.where(empty.unsqueeze(-1), 0, search.reshape(*lead, 256).long())
-        return fields, self._codes(x, fields, search.reshape(*lead, 16, 16))
+        return fields, _final_codes(self, x, fields, search)
 
-    def _codes(self, x: torch.Tensor, fields: Fields, search: torch.Tensor | None) -> torch.Tensor:
-        d = from_fp16(fields["d"]).unsqueeze(-1) * fields["scales"].float()
-        return _requantize(x.reshape(*x.shape[:-1], 16, 16), d, -32, 31, search).reshape(x.shape)
+    def grid(self, fields: Fields) -> Grid:
+        return (from_fp16(fields["d"]).unsqueeze(-1) * fields["scales"].float(),)
 
-    def encode(self, x: torch.Tensor, fields: Fields) -> torch.Tensor:
-        return self._codes(x, fields, None)
+    def encode_values(self, x: torch.Tensor, *grid: torch.Tensor) -> torch.Tensor:
+        return _signed_codes(x, grid[0], -32, 31)
 
-    def decode(self, codes: torch.Tensor, fields: Fields) -> torch.Tensor:
-        d = from_fp16(fields["d"]).unsqueeze(-1) * fields["scales"].float()
-        level = codes.reshape(*codes.shape[:-1], 16, 16).float() - 32
-        return (d.unsqueeze(-1) * level).reshape(codes.shape)
+    def decode_values(self, codes: torch.Tensor, *grid: torch.Tensor) -> torch.Tensor:
+        return grid[0] * (codes.float() - 32)
 
     def to_bytes(self, codes: torch.Tensor, fields: Fields) -> torch.Tensor:
         lead = codes.shape[:-1]

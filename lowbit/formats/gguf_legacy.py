@@ -21,6 +21,7 @@ import torch
 from lowbit.formats.gguf_block import (
     BlockType,
     Fields,
+    Grid,
     half_bytes,
     half_from,
     high_bits_u32,
@@ -66,6 +67,7 @@ class LegacyBlock(BlockType):
     name: str
     bits: int
     with_min: bool
+    sub = 32
 
     @property
     def offset(self) -> int:
@@ -105,20 +107,23 @@ class LegacyBlock(BlockType):
             fields = {"d": to_fp16(scale)}
         return {k: v.reshape(shape[:-1]) for k, v in fields.items()}, codes.reshape(shape)
 
-    def encode(self, x: torch.Tensor, fields: Fields) -> torch.Tensor:
+    def grid(self, fields: Fields) -> Grid:
         d = from_fp16(fields["d"]).unsqueeze(-1)
-        shifted = x - from_fp16(fields["m"]).unsqueeze(-1) if self.with_min else x
-        level = nearest_int(shifted * _inverse(d))
+        return (d, from_fp16(fields["m"]).unsqueeze(-1)) if self.with_min else (d,)
+
+    def encode_values(self, x: torch.Tensor, *grid: torch.Tensor) -> torch.Tensor:
+        d = grid[0]
+        level = nearest_int((x - grid[1] if self.with_min else x) * _inverse(d))
         if self.bits == 8:
-            return level.clamp(-128, 127).to(torch.int8).view(torch.uint8)
+            return (level.clamp(-128, 127) & 0xFF).to(torch.uint8)
         return (level + self.offset).clamp(0, self.top).to(torch.uint8)
 
-    def decode(self, codes: torch.Tensor, fields: Fields) -> torch.Tensor:
-        d = from_fp16(fields["d"]).unsqueeze(-1)
+    def decode_values(self, codes: torch.Tensor, *grid: torch.Tensor) -> torch.Tensor:
+        d = grid[0]
         if self.bits == 8:
             return codes.view(torch.int8).float() * d
         if self.with_min:
-            return codes.float() * d + from_fp16(fields["m"]).unsqueeze(-1)
+            return codes.float() * d + grid[1]
         return (codes.float() - self.offset) * d
 
     def to_bytes(self, codes: torch.Tensor, fields: Fields) -> torch.Tensor:
