@@ -21,6 +21,7 @@ import torch
 from lowbit.formats.gguf_block import (
     BlockType,
     Fields,
+    Grid,
     half_bytes,
     half_from,
     nibbles,
