@@ -261,7 +261,7 @@ def export(
     weight bytes and bits per weight before and after.
     """
     exporter = get_exporter(to)
-    source = None if isinstance(model, nn.Module) else str(resolve_model(model))
+    source = None if isinstance(model, nn.Module) else str(model if foreign_method(model) else resolve_model(model))
     check_output(path, overwrite, inputs=[source])  # refuse before the slow part
     plan = None if scheme is None and method is None else resolve_scheme(scheme or DEFAULT_SCHEME, method)
     resolve_device(device)
@@ -400,6 +400,8 @@ def _tokenizer_first(model: ModelLike, tokenizer=None):
     dequantized cache when there is one (reading it from the GGUF takes seconds)."""
     if tokenizer is not None or isinstance(model, nn.Module):
         return tokenizer or getattr(model, "lowbit_tokenizer", None)
+    if foreign_method(model) is not None:
+        return load_tokenizer(ModelSource("hf", str(model)))
     source = resolve_model(model)
     if source.gguf_file:
         from lowbit.gguf_cache import entry_directory
