@@ -179,15 +179,22 @@ def test_names():
 
 
 #: a tiny Llama whose every linear input is a multiple of 256 (the K and IQ4_XS blocks)
-K_SHAPED = dict(hidden_size=256, intermediate_size=512, head_dim=64, num_attention_heads=4, num_key_value_heads=2)
+K_SHAPED = {
+    "hidden_size": 256,
+    "intermediate_size": 512,
+    "head_dim": 64,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+}
 
 
 @pytest.mark.parametrize(("scheme", "peer"), [("gguf-q4_k", "int4-g32"), ("gguf-q8_0", "int8")])
 def test_a_model_quantizes_saves_and_loads_bit_exactly(tmp_path, scheme, peer):
     """Through the pipeline, the native checkpoint and back; the logits move about as much
     as with lowbit's integer format of the same size."""
-    import lowbit
     from tiny_models import tiny_model, tiny_tokens
+
+    import lowbit
 
     tokens = tiny_tokens()
     reference = tiny_model("llama", **K_SHAPED)(tokens).logits
@@ -200,8 +207,9 @@ def test_a_model_quantizes_saves_and_loads_bit_exactly(tmp_path, scheme, peer):
 
 
 def test_a_model_with_rows_off_the_block_is_a_clear_error():
-    import lowbit
     from tiny_models import tiny_model
+
+    import lowbit
 
     with pytest.raises(LowbitError, match=r"blocks of 256: a row of 96 .*Q5_0 \(gguf-q5_0\)"):
         lowbit.quantize(tiny_model("llama"), "gguf-q4_k")
