@@ -15,6 +15,7 @@ from lowbit.api import (
     compare,
     evaluate,
     export,
+    export_gguf,
     generate,
     imatrix,
     inspect,
@@ -34,7 +35,7 @@ from lowbit.integrations import register_with_transformers
 
 __all__ = [
     "DEFAULT_MODEL", "DEFAULT_SCHEME", "DEFAULT_SCHEMES", "GPTQConfig", "LowbitConfig", "PRESETS", "QUALITY_BUDGETS", "LowbitError", "Plan", "QTensor", "RTNConfig",
-    "__version__", "compare", "method_names", "evaluate", "export", "exporter_names", "generate", "get_format", "imatrix", "inspect", "load",
+    "__version__", "compare", "method_names", "evaluate", "export", "export_gguf", "exporter_names", "generate", "get_format", "imatrix", "inspect", "load",
     "quantize", "recipe", "save", "size",
 ]  # fmt: skip
 

@@ -261,6 +261,11 @@ def export(
     weight bytes and bits per weight before and after.
     """
     exporter = get_exporter(to)
+    if exporter.name == "gguf":  # llama.cpp's types are chosen per tensor by a mix: scheme names it
+        return export_gguf(
+            model, path, scheme or "Q8_0", method=method or "rtn", calibration=calibration, calibration_samples=calibration_samples,
+            calibration_length=calibration_length, tokenizer=tokenizer, device=device, overwrite=overwrite, progress=progress,
+        )  # fmt: skip
     source = None if isinstance(model, nn.Module) else str(model if foreign_method(model) else resolve_model(model))
     check_output(path, overwrite, inputs=[source])  # refuse before the slow part
     plan = None if scheme is None and method is None else resolve_scheme(scheme or DEFAULT_SCHEME, method)
@@ -296,6 +301,64 @@ def export(
         "weight_bytes": after["weight_bytes"],
         "bits_per_weight": after["bits_per_weight"],
     }
+
+
+def export_gguf(
+    model: ModelLike,
+    path: str | os.PathLike,
+    type: str = "Q8_0",
+    *,
+    imatrix_file: str | os.PathLike | None = None,
+    calibration: str | os.PathLike | torch.Tensor | None = None,
+    calibration_samples: int = 128,
+    calibration_length: int = 512,
+    method: str = "rtn",
+    output_tensor_type: str | None = None,
+    token_embedding_type: str | None = None,
+    pure: bool = False,
+    tensor_types: tuple[tuple[str, str], ...] | list[str] = (),
+    allow_requantize: bool = False,
+    tokenizer=None,
+    device: str | torch.device | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Write ``model`` as a GGUF file of llama.cpp's mix ``type`` (``Q4_K_M``, ``Q8_0``, ``F16`` …),
+    each tensor's type chosen as ``llama-quantize`` chooses it (``lowbit.export.gguf_mix``).
+
+    ``imatrix_file``: llama.cpp's importance matrix file (``llama-imatrix`` or ``lowbit imatrix``);
+    ``calibration``: a text whose importance matrix lowbit measures first (:func:`imatrix`).
+    The options of ``llama-quantize``: ``output_tensor_type``, ``token_embedding_type``, ``pure``,
+    ``tensor_types`` (``("attn_v=q8_0", ...)`` or ``(regex, type)`` pairs: the first match wins),
+    ``allow_requantize`` (re-quantizing an already low-bit GGUF is refused otherwise). Returns
+    the writer's summary (path, type, bytes, seconds, tensor types, fallback notes).
+    """
+    from lowbit.export.gguf import GgufOptions, check_gguf_output, parse_tensor_types, write_gguf
+    from lowbit.export.gguf_mix import mix_name
+    from lowbit.imatrix_file import read_imatrix
+
+    pairs = tuple(parse_tensor_types([t for t in tensor_types if isinstance(t, str)]))
+    pairs += tuple(tuple(t) for t in tensor_types if not isinstance(t, str))
+    options = GgufOptions(mix_name(type), output_tensor_type, token_embedding_type, pure, pairs, allow_requantize)
+    if method != "rtn":
+        raise LowbitError(f"GGUF export quantizes with rtn (llama.cpp's own search, weighted by an importance matrix); got {method!r}")
+    if imatrix_file is not None and calibration is not None:
+        raise LowbitError("give either an importance matrix file (--imatrix) or a calibration text, not both")
+    source = None if isinstance(model, nn.Module) else str(resolve_model(model))
+    check_gguf_output(path, overwrite, source)  # before the slow part
+    resolve_device(device)
+    importance = read_imatrix(imatrix_file) if imatrix_file is not None else None
+    if calibration is not None:  # measured on a model of its own: a lazily loaded one is spent by it
+        importance = imatrix(
+            model, calibration, calibration_samples=calibration_samples, calibration_length=calibration_length,
+            tokenizer=tokenizer, device=device, progress=progress,
+        )  # fmt: skip
+    model, tokenizer = _model_and_tokenizer(model, tokenizer, lazy=True)
+    source = getattr(model, "lowbit_source", None) or source
+    return write_gguf(
+        model, path, options, importance=importance, tokenizer_source=tokenizer if source is None else source,
+        source=source, overwrite=overwrite, progress=progress,
+    )  # fmt: skip
 
 
 def imatrix(

@@ -75,9 +75,32 @@ def cmd_quantize(args) -> None:
     _print_export(summary)
 
 
+def _gguf_export(args) -> None:
+    import lowbit
+
+    if args.scheme is not None:
+        raise lowbit.LowbitError("--to gguf takes llama.cpp's types: use --type (Q4_K_M, Q8_0, ...), not --scheme")
+    summary = lowbit.export_gguf(
+        args.model, args.output, args.type or "Q8_0", imatrix_file=args.imatrix, calibration=args.calibration,
+        calibration_samples=args.calibration_samples, calibration_length=args.calibration_length, method=args.method or "rtn",
+        output_tensor_type=args.output_tensor_type, token_embedding_type=args.token_embedding_type, pure=args.pure,
+        tensor_types=args.tensor_type or (), allow_requantize=args.allow_requantize, device=args.device, overwrite=args.overwrite,
+    )  # fmt: skip
+    types = ", ".join(f"{count} {kind}" for kind, count in sorted(summary["tensor_types"].items()))
+    print(f"wrote {summary['type']} ({types}) in {summary['seconds']:.1f} s: {_mb(summary['bytes'])}\nsaved {summary['path']} (gguf)")
+
+
+GGUF_ONLY = ("type", "imatrix", "output_tensor_type", "token_embedding_type", "pure", "tensor_type", "allow_requantize")
+
+
 def cmd_export(args) -> None:
     import lowbit
 
+    if args.to == "gguf":
+        return _gguf_export(args)
+    given = [name for name in GGUF_ONLY if getattr(args, name)]
+    if given:
+        raise lowbit.LowbitError(f"--{given[0].replace('_', '-')} is an option of --to gguf")
     summary = lowbit.export(
         args.model, args.output, to=args.to, scheme=args.scheme, method=args.method, device=args.device,
         overwrite=args.overwrite, keep_dtype=args.keep_dtype, allow_nonfinite=args.allow_nonfinite,
@@ -277,6 +300,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help=model_help + ", or a lowbit checkpoint (written as it is)")
     p.add_argument("--to", default="native", choices=exporter_names(), help="target layout (default native)")
     _add_quantize_options(p, scheme_default=None)
+    gguf = p.add_argument_group("GGUF (--to gguf), as llama-quantize")
+    gguf.add_argument("--type", "-t", help="llama.cpp's mix: Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q3_K_M, Q2_K, IQ4_XS, F16 ... (default Q8_0)")
+    gguf.add_argument("--imatrix", help="importance matrix file (llama-imatrix's or lowbit imatrix's); or --calibration TEXT to measure one")
+    gguf.add_argument("--output-tensor-type", help="type of output.weight (e.g. q8_0)")
+    gguf.add_argument("--token-embedding-type", help="type of token_embd.weight")
+    gguf.add_argument("--pure", action="store_true", help="the mix's base type for every tensor, no per-tensor rules")
+    gguf.add_argument("--tensor-type", action="append", metavar="REGEX=TYPE", help="type of the tensors whose name matches (first match wins; repeatable)")
+    gguf.add_argument("--allow-requantize", action="store_true", help="allow re-quantizing a GGUF source that is already low-bit")
     p.set_defaults(run=cmd_export)
 
     p = sub.add_parser("imatrix", help="measure an importance matrix in llama.cpp's format (for llama-quantize --imatrix)")

@@ -285,3 +285,17 @@ def test_k_quant_mix_bytes_and_transformers_logits(tmp_path, kind):
     with torch.no_grad():
         torch.testing.assert_close(loaded(tokens).logits, reference(tokens).logits, rtol=1e-4, atol=1e-4)
 
+
+def test_cli_writes_a_gguf_and_refuses_mixed_options(tmp_path, exported, capsys):
+    from lowbit.cli import main
+
+    _, directory, _, _ = exported("qwen2", "F16")
+    out = tmp_path / "cli.gguf"
+    assert main(["export", str(directory), "--to", "gguf", "--type", "q8_0", "--tensor-type", "ffn_down=F16", "-o", str(out)]) in (0, None)
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(out).tensors}
+    assert types["blk.0.ffn_down.weight"] == "F16" and types["blk.0.attn_q.weight"] == "Q8_0"
+    assert "saved" in capsys.readouterr().out
+    assert main(["export", str(directory), "--to", "gguf", "--type", "Q4_K_Z", "-o", str(tmp_path / "x.gguf")]) == 2
+    assert main(["export", str(directory), "--to", "native", "--pure", "-o", str(tmp_path / "x")]) == 2
+    assert "--pure is an option of --to gguf" in capsys.readouterr().err
+    assert not (tmp_path / "x.gguf").exists() and not (tmp_path / "x").exists()
