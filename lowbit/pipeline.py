@@ -44,7 +44,7 @@ from lowbit.errors import LowbitError
 from lowbit.folding import fold_input_scale, fold_problem, foldable_families, norm_offset_of
 from lowbit.formats import Format
 from lowbit.kernels.activation import activation_quantizer
-from lowbit.nn import QuantLinear, dense_weight, is_linear, set_submodule
+from lowbit.nn import QuantLinear, dense_cache, dense_weight, is_linear, set_submodule
 from lowbit.qtensor import QTensor
 from lowbit.plan import Plan, Rule
 from lowbit.version import __version__
@@ -164,13 +164,16 @@ class LayerBlock:
         return dense_weight(self.layer.get_submodule(name))
 
     def run(self) -> list[torch.Tensor]:
+        """The layer's outputs for every calibration batch; the linears installed so far are
+        dequantized once for the run (``nn.dense_cache``), not once per batch."""
         if self._state is None:
             raise LowbitError("this block has no calibration inputs to run")
         calls = self._state.calls[self.index]
-        return [
-            _layer_output(self.layer(h.to(self.device), *_to(c.args, self.device), **_to(c.kwargs, self.device))).to(h.device)
-            for h, c in zip(self._state.hidden, calls)
-        ]
+        with dense_cache(self.layer):
+            return [
+                _layer_output(self.layer(h.to(self.device), *_to(c.args, self.device), **_to(c.kwargs, self.device))).to(h.device)
+                for h, c in zip(self._state.hidden, calls)
+            ]
 
     def collect(self, kinds: frozenset[str], names: list[str]) -> dict[str, InputStatistics]:
         """Run the layer with one hook per shared input of ``names``; every linear of a group
@@ -308,7 +311,7 @@ def _check_folds(model: nn.Module, assigned: dict[str, Rule]) -> None:
     architecture = KNOWN_ARCHITECTURES.get(model_type)
     if methods and (architecture is None or not any(group.previous for group in architecture.input_groups)):
         raise LowbitError(
-            f"{' and '.join(methods)} fold a scale into the norm or linear before each group of linears, which "
+            f"{' and '.join(methods)}: its scales fold into the norm or linear before each group of linears, which "
             f"lowbit's architecture table gives for {', '.join(foldable_families())}; this {model_type} model has "
             "none: use --method gptq, or rtn with +clip"
         )

