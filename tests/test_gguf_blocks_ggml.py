@@ -174,6 +174,20 @@ def test_dequantize_equals_llama_cpp(ggml, type_name):
     )
 
 
+@pytest.mark.heavy
+@pytest.mark.parametrize("columns", [4096, 14336])
+@pytest.mark.parametrize("type_name", TYPES)
+def test_llama_3_8b_shaped_rows_equal_llama_cpp(ggml, type_name, columns):
+    """Rows as wide as Llama-3-8B's (4096, and 14336 for down_proj), a few outlier columns,
+    an imatrix spread over six decades: the row statistics of the weighted paths at scale."""
+    g = torch.Generator().manual_seed(columns)
+    m = torch.randn(256, columns, generator=g) * 0.02
+    m[:, ::97] *= 40
+    importance = torch.exp(torch.randn(columns, generator=g) * 3)
+    for weights in (None, importance):
+        assert torch.equal(quantize_ggml(type_name, m, weights), c_quantize(ggml, type_name, m, weights))
+
+
 def test_library_is_cached_outside_the_checkout(ggml):
     path = Path(ggml._name)
     assert path.is_file() and Path(__file__).resolve().parents[1] not in path.parents
