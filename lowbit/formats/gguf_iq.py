@@ -33,6 +33,7 @@ from lowbit.formats.gguf_numerics import (
     f32,
     first_absmax,
     from_fp16,
+    inverse,
     nearest_int,
     seq_sum,
     sqrtf,
@@ -66,11 +67,6 @@ def best_index(x: torch.Tensor) -> torch.Tensor:
     row = torch.floor(torch.nan_to_num(x, nan=127.0).clamp(-128, 127)).long() + 128
     lower = (x - BELOW.to(x.device)[row]) < (ABOVE.to(x.device)[row] - x)
     return UPPER.to(x.device)[row] - lower.long()
-
-
-def _inverse(d: torch.Tensor) -> torch.Tensor:
-    """``d ? 1/d : 0``."""
-    return torch.where(d != 0, f32(1) / torch.where(d != 0, d, torch.ones_like(d)), torch.zeros_like(d))
 
 
 def search_scales(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -116,7 +112,7 @@ def _weights(x: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
 
 def _codes(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """``best_index_int8(16, values, (scale ? 1/scale : 0) * x)``, the scale broadcast to ``x``."""
-    return best_index(_inverse(scale) * x).to(torch.uint8)
+    return best_index(inverse(scale) * x).to(torch.uint8)
 
 
 def _pack_codes(codes: torch.Tensor) -> torch.Tensor:
@@ -167,7 +163,7 @@ class IQ4XS(BlockType):
         scales = search_scales(x.reshape(-1, 32), weights.reshape(-1, 32)).reshape(*lead, 8)
         _, max_scale = first_absmax(scales)
         d = -max_scale / f32(32)
-        level = nearest_int(_inverse(d).unsqueeze(-1) * scales).clamp(-32, 31)
+        level = nearest_int(inverse(d).unsqueeze(-1) * scales).clamp(-32, 31)
         sub = d.unsqueeze(-1) * level.float()  # dl: the float d, not the stored float16
         codes = _codes(self._by_sub(x), sub.unsqueeze(-1)).reshape(x.shape)
         return self._fields(to_fp16(d), level + 32), codes

@@ -41,6 +41,7 @@ from lowbit.formats.gguf_numerics import (
     make_qp_quants,
     make_qx_quants,
     nearest_int,
+    nonzero,
     positive_max,
     seq_sum,
     sqrtf,
@@ -48,19 +49,15 @@ from lowbit.formats.gguf_numerics import (
 )
 
 
-def _safe(d: torch.Tensor) -> torch.Tensor:
-    return torch.where(d != 0, d, torch.ones_like(d))
-
-
 def _affine_codes(x: torch.Tensor, d: torch.Tensor, dm: torch.Tensor, top: int) -> torch.Tensor:
     """``l = clamp(nearest_int((x + dm) / d), 0, top)``; 0 where the sub-block's ``d`` is 0."""
-    level = nearest_int((x + dm) / _safe(d)).clamp(0, top)
+    level = nearest_int((x + dm) / nonzero(d)).clamp(0, top)
     return torch.where(d == 0, 0, level).to(torch.uint8)
 
 
 def _signed_codes(x: torch.Tensor, d: torch.Tensor, low: int, high: int) -> torch.Tensor:
     """``l = clamp(nearest_int(x / d), low, high) - low``; 0 where the sub-block's ``d`` is 0."""
-    level = nearest_int(x / _safe(d)).clamp(low, high) - low
+    level = nearest_int(x / nonzero(d)).clamp(low, high) - low
     return torch.where(d == 0, 0, level).to(torch.uint8)
 
 
@@ -154,8 +151,8 @@ class ScaleMinK(BlockType):
             scales, mins, search = make_qkx_quants(xs, weights, self.top, self.rmin, self.rdelta, self.nstep)
             scales, mins = scales.reshape(*lead, 8), mins.reshape(*lead, 8)
             max_scale, max_min = positive_max(scales), positive_max(mins)
-            inv_scale = torch.where(max_scale > 0, f32(63) / _safe(max_scale), torch.zeros_like(max_scale))
-            inv_min = torch.where(max_min > 0, f32(63) / _safe(max_min), torch.zeros_like(max_min))
+            inv_scale = torch.where(max_scale > 0, f32(63) / nonzero(max_scale), torch.zeros_like(max_scale))
+            inv_min = torch.where(max_min > 0, f32(63) / nonzero(max_min), torch.zeros_like(max_min))
             ls = (nearest_int(inv_scale.unsqueeze(-1) * scales) & 0xFF).clamp(max=63)
             lm = (nearest_int(inv_min.unsqueeze(-1) * mins) & 0xFF).clamp(max=63)
             d, dmin = to_fp16(max_scale / f32(63)), to_fp16(max_min / f32(63))
@@ -220,8 +217,8 @@ class Q2K(BlockType):
             scales, mins, search = make_qkx_quants(xs, xs.abs(), 3, -0.5, 0.1, 15, use_mad=True)
             scales, mins = scales.reshape(*lead, 16), mins.reshape(*lead, 16)
             max_scale, max_min = positive_max(scales), positive_max(mins)
-            ls = nearest_int((f32(15) / _safe(max_scale)).unsqueeze(-1) * scales) & 0xFF
-            lm = nearest_int((f32(15) / _safe(max_min)).unsqueeze(-1) * mins)
+            ls = nearest_int((f32(15) / nonzero(max_scale)).unsqueeze(-1) * scales) & 0xFF
+            lm = nearest_int((f32(15) / nonzero(max_min)).unsqueeze(-1) * mins)
             ls = torch.where((max_scale > 0).unsqueeze(-1), ls, 0)
             byte = torch.where((max_min > 0).unsqueeze(-1), (ls | (lm << 4)) & 0xFF, ls)
             d = to_fp16(torch.where(max_scale > 0, max_scale / f32(15), torch.zeros_like(max_scale)))
@@ -283,7 +280,7 @@ class Q3K(BlockType):
             scales, search = make_q3_quants(xs, 4)
             scales = scales.reshape(*lead, 16)
             _, max_scale = first_absmax(scales)
-            iscale = f32(-32) / _safe(max_scale)
+            iscale = f32(-32) / nonzero(max_scale)
             level = nearest_int(iscale.unsqueeze(-1) * scales)
             level = (((level + 128) & 0xFF) - 128).clamp(-32, 31) + 32  # (int8_t) then MAX/MIN
             level = torch.where((max_scale != 0).unsqueeze(-1), level, 0)

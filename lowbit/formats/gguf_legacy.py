@@ -38,6 +38,7 @@ from lowbit.formats.gguf_numerics import (
     first_min_max,
     float_to_int,
     from_fp16,
+    inverse,
     make_qkx_quants,
     make_qx_quants,
     nearest_int,
@@ -46,11 +47,6 @@ from lowbit.formats.gguf_numerics import (
     sqrtf,
     to_fp16,
 )
-
-
-def _inverse(d: torch.Tensor) -> torch.Tensor:
-    """``d ? 1.0f/d : 0.0f``."""
-    return torch.where(d != 0, f32(1) / torch.where(d != 0, d, torch.ones_like(d)), torch.zeros_like(d))
 
 
 def _weights(x: torch.Tensor, importance: torch.Tensor) -> torch.Tensor:
@@ -83,17 +79,17 @@ class LegacyBlock(BlockType):
             return self._quantize_weighted(x, _weights(x, importance))
         if self.bits == 8:
             d = x.abs().amax(-1) / f32(127)
-            codes = float_to_int(round_away(x * _inverse(d).unsqueeze(-1))) & 0xFF
+            codes = float_to_int(round_away(x * inverse(d).unsqueeze(-1))) & 0xFF
             return {"d": to_fp16(d)}, codes.to(torch.uint8)
         if self.with_min:
             low, high = first_min_max(x)
             d = (high - low) / f32(self.top)
-            level = float_to_int((x - low.unsqueeze(-1)) * _inverse(d).unsqueeze(-1) + f32(0.5))
+            level = float_to_int((x - low.unsqueeze(-1)) * inverse(d).unsqueeze(-1) + f32(0.5))
             codes = level & 0xFF if self.bits == 5 else as_int8(level).clamp(max=self.top) & 0xFF
             return {"d": to_fp16(d), "m": to_fp16(low)}, codes.to(torch.uint8)
         _, top = first_absmax(x)
         d = top / f32(-self.offset)
-        level = float_to_int(x * _inverse(d).unsqueeze(-1) + f32(self.offset + 0.5))
+        level = float_to_int(x * inverse(d).unsqueeze(-1) + f32(self.offset + 0.5))
         return {"d": to_fp16(d)}, (as_int8(level).clamp(max=self.top) & 0xFF).to(torch.uint8)
 
     def _quantize_weighted(self, x: torch.Tensor, weights: torch.Tensor) -> tuple[Fields, torch.Tensor]:
@@ -113,7 +109,7 @@ class LegacyBlock(BlockType):
 
     def encode_values(self, x: torch.Tensor, *grid: torch.Tensor) -> torch.Tensor:
         d = grid[0]
-        level = nearest_int((x - grid[1] if self.with_min else x) * _inverse(d))
+        level = nearest_int((x - grid[1] if self.with_min else x) * inverse(d))
         if self.bits == 8:
             return (level.clamp(-128, 127) & 0xFF).to(torch.uint8)
         return (level + self.offset).clamp(0, self.top).to(torch.uint8)

@@ -37,6 +37,16 @@ def f32(value: float) -> torch.Tensor:
     return torch.tensor(value, dtype=torch.float32)
 
 
+def nonzero(d: torch.Tensor) -> torch.Tensor:
+    """``d`` with zeros replaced by ones: a divisor for lanes whose result is then discarded."""
+    return torch.where(d != 0, d, torch.ones_like(d))
+
+
+def inverse(d: torch.Tensor) -> torch.Tensor:
+    """``d ? 1.0f/d : 0.0f``."""
+    return torch.where(d != 0, f32(1) / nonzero(d), torch.zeros_like(d))
+
+
 def sqrtf(value: torch.Tensor) -> torch.Tensor:
     """C ``sqrtf``, correctly rounded: torch's float32 ``sqrt`` on the CPU is not (about one
     result in six is one ulp off); the square root of a float32 taken in float64 and rounded
