@@ -25,6 +25,10 @@ rounds one column at a time with params chosen for the whole matrix).
 
 ``quantize_ggml`` / ``dequantize_ggml`` do the same for any 2-D tensor (embeddings) by ggml
 type name, for the GGUF writer and reader.
+
+Everything runs on the weight's device. The tests run on the CPU; on a GPU the arithmetic is
+the same IEEE float32 (one kernel per operation leaves no room for fused multiply-adds), but
+that is not yet checked against llama.cpp there.
 """
 
 from __future__ import annotations
@@ -93,7 +97,9 @@ def _blocks(block: BlockType, matrix: torch.Tensor) -> torch.Tensor:
     return matrix.float().reshape(rows, columns // size, size)
 
 
-def _importance(block: BlockType, importance: torch.Tensor | None, columns: int) -> torch.Tensor | None:
+def _importance(block: BlockType, importance: torch.Tensor | None, weight: torch.Tensor) -> torch.Tensor | None:
+    """The per-column importance, checked, as ``(blocks, block_size)`` on the weight's device."""
+    columns = weight.shape[1]
     if importance is None:
         return None
     if tuple(importance.shape) != (columns,):
@@ -102,17 +108,20 @@ def _importance(block: BlockType, importance: torch.Tensor | None, columns: int)
         )
     if not bool(torch.isfinite(importance).all()) or bool((importance < 0).any()):
         raise LowbitError("importance weights must be finite and non-negative")
-    return importance.float().reshape(-1, block.ggml.block_size)
+    return importance.float().to(weight.device).reshape(-1, block.ggml.block_size)
 
 
-#: weights quantized at once: the searches run a few thousand tensor ops per chunk, and a
-#: chunk this size keeps their operands in cache (2x faster than a 4096x4096 matrix at once)
+#: weights quantized at once on a CPU: the searches run a few thousand tensor ops per chunk,
+#: and a chunk this size keeps their operands in cache (2x faster than a 4096x4096 matrix at
+#: once); elsewhere (a GPU) chunks only bound the temporaries (about 16 bytes a weight)
 CHUNK_WEIGHTS = 1 << 18
+CHUNK_WEIGHTS_ACCELERATOR = 1 << 26
 
 
 def _quantize_blocks(block: BlockType, x: torch.Tensor, importance: torch.Tensor | None) -> tuple[Fields, torch.Tensor]:
     """``block.quantize`` over chunks of rows (every llama.cpp quantizer works row by row)."""
-    step = max(1, CHUNK_WEIGHTS // (x.shape[1] * x.shape[2]))
+    chunk = CHUNK_WEIGHTS if x.device.type == "cpu" else CHUNK_WEIGHTS_ACCELERATOR
+    step = max(1, chunk // (x.shape[1] * x.shape[2]))
     pieces = [block.quantize(x[start : start + step], importance) for start in range(0, x.shape[0], step)]
     if len(pieces) == 1:
         return pieces[0]
@@ -129,8 +138,8 @@ def quantize_ggml(type_name: str, matrix: torch.Tensor, importance: torch.Tensor
     block = block_type(type_name)
     check_matrix(matrix, block.name)
     check_finite(matrix, block.name)
-    x = _blocks(block, matrix.detach().cpu())
-    fields, codes = _quantize_blocks(block, x, _importance(block, importance, matrix.shape[1]))
+    x = _blocks(block, matrix.detach())
+    fields, codes = _quantize_blocks(block, x, _importance(block, importance, matrix))
     return block.to_bytes(codes, fields).reshape(matrix.shape[0], -1)
 
 
@@ -214,7 +223,7 @@ class GGUFFormat(Format):
             )
             fields, codes = block.from_bytes(raw)
         else:
-            fields, codes = _quantize_blocks(block, x.cpu(), _importance(block, importance, weight.shape[1]))
+            fields, codes = _quantize_blocks(block, x, _importance(block, importance, weight))
         return GGUFParams(fields), codes.reshape(weight.shape[0], -1)
 
     def _column_grid(self, params: GGUFParams, span: range) -> list[torch.Tensor]:

@@ -77,14 +77,14 @@ def search_scales(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     top = torch.where(empty, torch.ones_like(top), top)
     values = KVALUES_IQ4NL.to(x.device)
     x, weights = x.t().contiguous(), weights.t().contiguous()  # element i of every block in row i
-    terms = torch.empty((2, *x.shape), dtype=torch.float32)
+    terms = torch.empty((2, *x.shape), dtype=torch.float32, device=x.device)
 
     def sums(inverse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         q = values[best_index(inverse * x)]
         torch.mul(weights, q, out=terms[0])
         torch.mul(terms[0], q, out=terms[1])
         torch.mul(terms[0], x, out=terms[0])
-        acc = torch.zeros(terms.shape[::2], dtype=torch.float32)
+        acc = torch.zeros(terms.shape[::2], dtype=torch.float32, device=x.device)
         for i in range(x.shape[0]):
             acc = acc + terms[:, i]
         return acc[0], acc[1]

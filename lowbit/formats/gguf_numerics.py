@@ -57,7 +57,7 @@ def sqrtf(value: torch.Tensor) -> torch.Tensor:
 def seq_sum(terms: torch.Tensor, start: torch.Tensor | None = None) -> torch.Tensor:
     """``acc = start (or +0.0); for i: acc += terms[..., i]`` in float32, as a C loop adds."""
     columns = terms.movedim(-1, 0).contiguous()
-    acc = torch.zeros(terms.shape[:-1], dtype=torch.float32) if start is None else start
+    acc = torch.zeros(terms.shape[:-1], dtype=torch.float32, device=terms.device) if start is None else start
     for column in columns:
         acc = acc + column
     return acc
@@ -142,7 +142,7 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 def _sum_rows(terms: torch.Tensor, start: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`seq_sum` over the rows of an ``(n, ...)`` tensor (several sums at once when the
     rows are ``(k, blocks)``)."""
-    acc = torch.zeros(terms.shape[1:], dtype=torch.float32) if start is None else start
+    acc = torch.zeros(terms.shape[1:], dtype=torch.float32, device=terms.device) if start is None else start
     for row in terms:
         acc = acc + row
     return acc
@@ -158,7 +158,7 @@ def make_qx_quants(x: torch.Tensor, nmax: int, weights: torch.Tensor | None) -> 
     w = x * x if weights is None else _rows(weights)
     wx = w * x
 
-    terms = torch.empty((2, *x.shape), dtype=torch.float32)
+    terms = torch.empty((2, *x.shape), dtype=torch.float32, device=x.device)
 
     def levels(iscale: torch.Tensor) -> torch.Tensor:
         return nearest_int(iscale * x).clamp(-nmax, nmax - 1)
@@ -256,7 +256,7 @@ def make_qkx_quants(
     minimum = low
     # the winner's codes are levels(chosen_iscale, chosen_from) again: kept as two numbers a block
     chosen_iscale, chosen_from = iscale, low
-    terms = torch.empty((3, *x.shape), dtype=torch.float32)
+    terms = torch.empty((3, *x.shape), dtype=torch.float32, device=x.device)
     for step in range(nstep + 1):  # a better candidate moves the minimum the next ones start from
         iscale = (f32(rmin) + f32(rdelta) * step + nmax) / torch.where(flat, span, high - minimum)
         candidate = levels(iscale, minimum)
@@ -286,7 +286,7 @@ def make_qp_quants(x: torch.Tensor, nmax: int, weights: torch.Tensor) -> tuple[t
     """``make_qp_quants(n, nmax, x, L, quant_weights)``: one positive scale for the non-negative
     values ``x`` (a super-block's sub-block scales or mins) and their codes ``0..nmax``."""
     x, w = _rows(x), _rows(weights)
-    top = torch.zeros(x.shape[1:], dtype=torch.float32)
+    top = torch.zeros(x.shape[1:], dtype=torch.float32, device=x.device)
     for row in x:  # MAX(max, x[i]): a signed zero follows C's comparison
         top = torch.where(top > row, top, row)
     empty = top < GROUP_MAX_EPS
