@@ -142,9 +142,9 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 def _sum_rows(terms: torch.Tensor, start: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`seq_sum` over the rows of an ``(n, ...)`` tensor (several sums at once when the
     rows are ``(k, blocks)``)."""
-    acc = torch.zeros(terms.shape[1:], dtype=torch.float32, device=terms.device) if start is None else start
+    acc = torch.zeros(terms.shape[1:], dtype=torch.float32, device=terms.device) if start is None else start.clone()
     for row in terms:
-        acc = acc + row
+        acc.add_(row)
     return acc
 
 
@@ -243,23 +243,33 @@ def make_qkx_quants(
     sum_w = _sum_rows(weights[1:], weights[0])
     sum_x = _sum_rows(weights[1:] * x[1:], weights[0] * x[0])
 
-    def levels(iscale: torch.Tensor, minimum: torch.Tensor) -> torch.Tensor:
-        return nearest_int(iscale * (x - minimum)).clamp(0, nmax).float()
+    # the (n, blocks) temporaries are written in place: a fresh megabyte per operation costs
+    # more in page faults than the arithmetic does
+    work = torch.empty_like(x)
+    bits = work.view(torch.int32)
+
+    def levels(iscale: torch.Tensor, minimum: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """``MAX(0, MIN(nmax, nearest_int(iscale*(x - min))))`` as floats, into ``out``."""
+        torch.sub(x, minimum, out=work).mul_(iscale).add_(12582912.0)
+        bits.bitwise_and_(0x007FFFFF).sub_(0x00400000).clamp_(0, nmax)
+        return out.copy_(bits)
 
     def error(scale: torch.Tensor, minimum: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
-        diff = scale * level + minimum - x
-        return _sum_rows(weights * (diff.abs() if use_mad else diff * diff))
+        diff = torch.mul(level, scale, out=work).add_(minimum).sub_(x)
+        diff = diff.abs_() if use_mad else diff.mul_(diff)
+        return _sum_rows(diff.mul_(weights))
 
     iscale = f32(nmax) / span
     scale = f32(1) / iscale
-    best = error(scale, low, levels(iscale, low))
+    candidate = torch.empty_like(x)
+    best = error(scale, low, levels(iscale, low, candidate))
     minimum = low
     # the winner's codes are levels(chosen_iscale, chosen_from) again: kept as two numbers a block
     chosen_iscale, chosen_from = iscale, low
     terms = torch.empty((3, *x.shape), dtype=torch.float32, device=x.device)
     for step in range(nstep + 1):  # a better candidate moves the minimum the next ones start from
         iscale = (f32(rmin) + f32(rdelta) * step + nmax) / torch.where(flat, span, high - minimum)
-        candidate = levels(iscale, minimum)
+        levels(iscale, minimum, candidate)
         torch.mul(weights, candidate, out=terms[0])
         torch.mul(terms[0], candidate, out=terms[1])
         torch.mul(terms[0], x, out=terms[2])
@@ -278,7 +288,7 @@ def make_qkx_quants(
         scale = torch.where(better, this_scale, scale)
         minimum = torch.where(better, this_min, minimum)
     scale = torch.where(flat, torch.zeros_like(scale), scale)
-    codes = torch.where(flat, 0.0, levels(chosen_iscale, chosen_from)).t().to(torch.uint8)
+    codes = torch.where(flat, 0.0, levels(chosen_iscale, chosen_from, candidate)).t().to(torch.uint8)
     return scale, torch.where(flat, -low, -minimum), codes
 
 
