@@ -86,7 +86,7 @@ def search_scales(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         torch.mul(terms[0], x, out=terms[0])
         acc = torch.zeros(terms.shape[::2], dtype=torch.float32, device=x.device)
         for i in range(x.shape[0]):
-            acc = acc + terms[:, i]
+            acc.add_(terms[:, i])
         return acc[0], acc[1]
 
     d = -top / values[0]

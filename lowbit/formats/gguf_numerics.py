@@ -159,12 +159,16 @@ def make_qx_quants(x: torch.Tensor, nmax: int, weights: torch.Tensor | None) -> 
     wx = w * x
 
     terms = torch.empty((2, *x.shape), dtype=torch.float32, device=x.device)
+    work, lf = torch.empty_like(x), torch.empty_like(x)  # temporaries written in place
+    bits = work.view(torch.int32)
 
     def levels(iscale: torch.Tensor) -> torch.Tensor:
-        return nearest_int(iscale * x).clamp(-nmax, nmax - 1)
+        """``MAX(-nmax, MIN(nmax-1, nearest_int(iscale*x)))`` (int32, a view of ``work``)."""
+        torch.mul(x, iscale, out=work).add_(12582912.0)
+        return bits.bitwise_and_(0x007FFFFF).sub_(0x00400000).clamp_(-nmax, nmax - 1)
 
     def attempt(iscale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        lf = levels(iscale).float()
+        lf.copy_(levels(iscale))
         torch.mul(wx, lf, out=terms[0])
         torch.mul(w, lf, out=terms[1])
         terms[1].mul_(lf)
