@@ -171,8 +171,52 @@ def test_refusals(type_name):
         dequantize_ggml(type_name, torch.zeros(7, dtype=torch.uint8), (1, size))
 
 
+def test_geometry_table_matches_gguf_py():
+    """``gguf_types`` (type ids, block sizes and bytes: what sizes and the writer use) is gguf-py's."""
+    for name, ggml in GGML_TYPES.items():
+        assert GGMLQuantizationType[name].value == ggml.type_id
+        assert gguf_quants.GGML_QUANT_SIZES[GGMLQuantizationType[name]] == (ggml.block_size, ggml.block_bytes)
+
+
 def test_names():
     assert get_format("GGUF-Q8_0") == get_format("gguf-q8_0")
     for name in ("gguf-q4_z", "gguf-q8", "gguf-", "gguf-q8_0-g32"):
         with pytest.raises(LowbitError, match="gguf-q8_0"):
             get_format(name)
+
+
+#: a tiny Llama whose every linear input is a multiple of 256 (the K and IQ4_XS blocks)
+K_SHAPED = {
+    "hidden_size": 256,
+    "intermediate_size": 512,
+    "head_dim": 64,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+}
+
+
+@pytest.mark.parametrize(("scheme", "peer"), [("gguf-q4_k", "int4-g32"), ("gguf-q8_0", "int8")])
+def test_a_model_quantizes_saves_and_loads_bit_exactly(tmp_path, scheme, peer):
+    """Through the pipeline, the native checkpoint and back; the logits move about as much
+    as with lowbit's integer format of the same size."""
+    from tiny_models import tiny_model, tiny_tokens
+
+    import lowbit
+
+    tokens = tiny_tokens()
+    reference = tiny_model("llama", **K_SHAPED)(tokens).logits
+    model = lowbit.quantize(tiny_model("llama", **K_SHAPED), scheme)
+    logits = model(tokens).logits
+    peer_error = (lowbit.quantize(tiny_model("llama", **K_SHAPED), peer)(tokens).logits - reference).abs().mean()
+    assert 0 < (logits - reference).abs().mean() < 1.5 * peer_error
+    lowbit.save(model, tmp_path / "out")
+    assert torch.equal(lowbit.load(tmp_path / "out")(tokens).logits, logits)
+
+
+def test_a_model_with_rows_off_the_block_is_a_clear_error():
+    from tiny_models import tiny_model
+
+    import lowbit
+
+    with pytest.raises(LowbitError, match=r"blocks of 256: a row of 96 .*Q5_0 \(gguf-q5_0\)"):
+        lowbit.quantize(tiny_model("llama"), "gguf-q4_k")
