@@ -80,6 +80,16 @@ class BlockType(ABC):
         return self.decode_values(self._by_sub(codes), *grid).reshape(codes.shape)
 
 
+def or_reduce(values: torch.Tensor, dim: int) -> torch.Tensor:
+    """Bitwise OR of the slices along ``dim``: fields shifted into disjoint bits of one byte or
+    word (a chain of ORs; torch's integer sums over an inner dimension are many times slower)."""
+    parts = values.unbind(dim)
+    out = parts[0].clone()
+    for part in parts[1:]:
+        out |= part
+    return out
+
+
 def half_bytes(value: torch.Tensor) -> torch.Tensor:
     """A float16 field ``(rows, blocks)`` as its two little-endian bytes ``(rows, blocks, 2)``."""
     return value.to(torch.float16).contiguous().unsqueeze(-1).view(torch.uint8)
@@ -99,7 +109,7 @@ def u32_bytes(value: torch.Tensor) -> torch.Tensor:
 def u32_from(raw: torch.Tensor) -> torch.Tensor:
     """Four little-endian bytes -> the unsigned value (int64)."""
     shifts = torch.arange(0, 32, 8, device=raw.device)
-    return (raw.long() << shifts).sum(-1)
+    return or_reduce(raw.long() << shifts, -1)
 
 
 def nibbles(low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
@@ -114,7 +124,7 @@ def split_nibbles(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def high_bits_u32(codes: torch.Tensor, bit: int) -> torch.Tensor:
     """``qh |= ((L[j] >> bit) & 1) << j`` over the 32 codes of a block (Q5_0 / Q5_1)."""
     flags = ((codes.long() >> bit) & 1) << torch.arange(codes.shape[-1], device=codes.device)
-    return flags.sum(-1)
+    return or_reduce(flags, -1)
 
 
 def row_importance(importance: torch.Tensor | None, rows: int) -> torch.Tensor | None:

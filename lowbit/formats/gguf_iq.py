@@ -25,6 +25,7 @@ from lowbit.formats.gguf_block import (
     half_bytes,
     half_from,
     nibbles,
+    or_reduce,
     row_importance,
     split_nibbles,
 )
@@ -172,7 +173,7 @@ class IQ4XS(BlockType):
     def _fields(d: torch.Tensor, levels: torch.Tensor) -> Fields:
         low = (levels & 0xF).reshape(*levels.shape[:-1], 4, 2)
         scales_l = (low[..., 0] | (low[..., 1] << 4)).to(torch.uint8)
-        scales_h = (((levels >> 4) & 3) << (2 * torch.arange(8, device=levels.device))).sum(-1)
+        scales_h = or_reduce(((levels >> 4) & 3) << (2 * torch.arange(8, device=levels.device)), -1)
         return {"d": d, "scales_h": scales_h.to(torch.int16), "scales_l": scales_l}
 
     def grid(self, fields: Fields) -> Grid:

@@ -29,6 +29,7 @@ from lowbit.formats.gguf_block import (
     Grid,
     half_bytes,
     half_from,
+    or_reduce,
     row_importance,
 )
 from lowbit.formats.gguf_numerics import (
@@ -73,7 +74,7 @@ def pack_2bit(codes: torch.Tensor) -> torch.Tensor:
     """256 codes of 2 bits -> 64 bytes: byte ``32*c + l`` holds codes ``128*c + 32*k + l`` at bits ``2k``."""
     parts = codes.long().reshape(*codes.shape[:-1], 2, 4, 32)
     shifts = torch.arange(0, 8, 2, device=codes.device).view(4, 1)
-    return (parts << shifts).sum(-2).reshape(*codes.shape[:-1], 64).to(torch.uint8)
+    return or_reduce(parts << shifts, -2).reshape(*codes.shape[:-1], 64).to(torch.uint8)
 
 
 def unpack_2bit(packed: torch.Tensor) -> torch.Tensor:
@@ -103,7 +104,7 @@ def pack_q3_scales(levels: torch.Tensor) -> torch.Tensor:
     low = (levels[..., :8] & 0xF) | ((levels[..., 8:] & 0xF) << 4)
     upper = (levels >> 4) & 3
     shifts = (2 * torch.arange(4, device=levels.device)).view(4, 1)
-    high = (upper.reshape(*levels.shape[:-1], 4, 4) << shifts).sum(-2)
+    high = or_reduce(upper.reshape(*levels.shape[:-1], 4, 4) << shifts, -2)
     return torch.cat([low, high], -1).to(torch.uint8)
 
 
@@ -185,7 +186,8 @@ class ScaleMinK(BlockType):
         parts = [half_bytes(fields["d"]), half_bytes(fields["dmin"]), fields["scales"]]
         if self.bits == 5:
             shifts = torch.arange(8, device=codes.device).view(4, 2, 1)
-            parts.append((((chunks >> 4) & 1) << shifts).sum((-3, -2)).to(torch.uint8))
+            flags = (((chunks >> 4) & 1) << shifts).reshape(*codes.shape[:-1], 8, 32)
+            parts.append(or_reduce(flags, -2).to(torch.uint8))
         return torch.cat([*parts, qs.to(torch.uint8)], -1)
 
     def from_bytes(self, raw: torch.Tensor) -> tuple[Fields, torch.Tensor]:
@@ -306,7 +308,7 @@ class Q3K(BlockType):
 
     def to_bytes(self, codes: torch.Tensor, fields: Fields) -> torch.Tensor:
         high = (codes.long() >> 2) & 1  # code j's high bit goes to hmask[j % 32], bit j // 32
-        hmask = (high.reshape(*codes.shape[:-1], 8, 32) << torch.arange(8, device=codes.device).view(8, 1)).sum(-2)
+        hmask = or_reduce(high.reshape(*codes.shape[:-1], 8, 32) << torch.arange(8, device=codes.device).view(8, 1), -2)
         return torch.cat(
             [
                 hmask.to(torch.uint8),
@@ -371,7 +373,7 @@ class Q6K(BlockType):
             -1,
         )
         shifts = torch.arange(0, 8, 2, device=codes.device).view(4, 1)
-        qh = ((q >> 4) << shifts).sum(-2)
+        qh = or_reduce((q >> 4) << shifts, -2)
         scales = fields["scales"].view(torch.uint8)
         return torch.cat([ql.reshape(*lead, 128).to(torch.uint8), qh.reshape(*lead, 64).to(torch.uint8), scales,
                           half_bytes(fields["d"])], -1)  # fmt: skip

@@ -204,22 +204,29 @@ def make_q3_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tens
     level = nearest_int((f32(-nmax) / safe_top) * x).clamp(-nmax, nmax - 1)
     lf = level.float()
     sumlx, suml2 = _sum_rows(wx * lf), _sum_rows(w * lf * lf)
+    # C stops a block after a pass that changed none of its codes: each pass runs on the
+    # blocks the previous one changed (about a fifth after the first pass), which is exact
+    active = torch.arange(x.shape[1], device=x.device)
     for _ in range(5):
-        moved = torch.zeros_like(sumlx, dtype=torch.bool)
+        xs, ws, wxs, codes = x[:, active], w[:, active], wx[:, active], level[:, active]
+        slx_all, sl2_all = sumlx[active], suml2[active]
+        moved = torch.zeros_like(slx_all, dtype=torch.bool)
         for i in range(x.shape[0]):
-            xi, wi, wxi, li = x[i], w[i], wx[i], level[i].float()
-            slx = sumlx - wxi * li
-            sl2 = suml2 - wi * li * li
-            new = nearest_int(xi * sl2 / slx).clamp(-nmax, nmax - 1)
+            li = codes[i].float()
+            slx = slx_all - wxs[i] * li
+            sl2 = sl2_all - ws[i] * li * li
+            new = nearest_int(xs[i] * sl2 / slx).clamp(-nmax, nmax - 1)
             newf = new.float()
-            slx2 = slx + wxi * newf
-            sl22 = sl2 + wi * newf * newf
-            take = (slx > 0) & (new != level[i]) & (sl22 > 0) & (slx2 * slx2 * suml2 > sumlx * sumlx * sl22)
-            level[i] = torch.where(take, new, level[i])
-            sumlx = torch.where(take, slx2, sumlx)
-            suml2 = torch.where(take, sl22, suml2)
+            slx2 = slx + wxs[i] * newf
+            sl22 = sl2 + ws[i] * newf * newf
+            take = (slx > 0) & (new != codes[i]) & (sl22 > 0) & (slx2 * slx2 * sl2_all > slx_all * slx_all * sl22)
+            codes[i] = torch.where(take, new, codes[i])
+            slx_all = torch.where(take, slx2, slx_all)
+            sl2_all = torch.where(take, sl22, sl2_all)
             moved |= take
-        if not bool(moved.any()):  # C stops a block after a pass without change; all have
+        level[:, active], sumlx[active], suml2[active] = codes, slx_all, sl2_all
+        active = active[moved]
+        if active.numel() == 0:
             break
     scale = torch.where(suml2 > 0, sumlx / suml2, torch.zeros_like(sumlx))
     codes = torch.where(empty, 0, level + nmax).t()
