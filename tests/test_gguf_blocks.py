@@ -180,8 +180,8 @@ def test_geometry_table_matches_gguf_py():
 
 def test_names():
     assert get_format("GGUF-Q8_0") == get_format("gguf-q8_0")
-    for name in ("gguf-q4_z", "gguf-q8", "gguf-", "gguf-q8_0-g32"):
-        with pytest.raises(LowbitError, match="gguf-q8_0"):
+    for name in ("gguf-q4_z", "gguf-q8", "gguf-", "gguf-q8_0-g32", "gguf:q4_k", "q4_k"):
+        with pytest.raises(LowbitError, match=r"unknown format .*gguf-\{q8_0\|.*iq4_xs\}"):
             get_format(name)
 
 
