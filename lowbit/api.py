@@ -330,25 +330,35 @@ def export_gguf(
     ``calibration``: a text whose importance matrix lowbit measures first (:func:`imatrix`).
     The options of ``llama-quantize``: ``output_tensor_type``, ``token_embedding_type``, ``pure``,
     ``tensor_types`` (``("attn_v=q8_0", ...)`` or ``(regex, type)`` pairs: the first match wins),
-    ``allow_requantize`` (re-quantizing an already low-bit GGUF is refused otherwise). Returns
+    ``allow_requantize`` (re-quantizing an already low-bit GGUF is refused otherwise).
+    ``method``: ``rtn`` is llama.cpp's own rounding (weighted by the importance matrix); any
+    other (``gptq``) runs through lowbit's pipeline on the ``calibration`` text over each
+    linear's ggml block format (:func:`lowbit.export.gguf.gguf_plan`). Returns
     the writer's summary (path, type, bytes, seconds, tensor types, fallback notes).
     """
-    from lowbit.export.gguf import GgufOptions, check_gguf_output, parse_tensor_types, write_gguf
+    from lowbit.export.gguf import GgufOptions, check_gguf_output, gguf_plan, parse_tensor_types, write_gguf
     from lowbit.export.gguf_mix import mix_name
     from lowbit.imatrix_file import read_imatrix
 
     pairs = tuple(parse_tensor_types([t for t in tensor_types if isinstance(t, str)]))
     pairs += tuple(tuple(t) for t in tensor_types if not isinstance(t, str))
     options = GgufOptions(mix_name(type), output_tensor_type, token_embedding_type, pure, pairs, allow_requantize)
-    if method != "rtn":
-        raise LowbitError(f"GGUF export quantizes with rtn (llama.cpp's own search, weighted by an importance matrix); got {method!r}")
+    if method != "rtn" and imatrix_file is not None:
+        raise LowbitError(f"--method {method} measures its own statistics from --calibration; an imatrix file serves rtn only")
     if imatrix_file is not None and calibration is not None:
         raise LowbitError("give either an importance matrix file (--imatrix) or a calibration text, not both")
     source = None if isinstance(model, nn.Module) else str(resolve_model(model))
     check_gguf_output(path, overwrite, source)  # before the slow part
     resolve_device(device)
     importance = read_imatrix(imatrix_file) if imatrix_file is not None else None
-    if calibration is not None:  # measured on a model of its own: a lazily loaded one is spent by it
+    if method != "rtn":  # the pipeline runs it over llama.cpp's block geometry; the writer copies the blocks
+        model, tokenizer = _model_and_tokenizer(model, tokenizer, lazy=True)
+        plan = gguf_plan(model, options, method, has_imatrix=calibration is not None)
+        quantize(
+            model, plan, calibration=calibration, calibration_samples=calibration_samples, calibration_length=calibration_length,
+            tokenizer=tokenizer, device=device, progress=progress,
+        )  # fmt: skip
+    elif calibration is not None:  # measured on a model of its own: a lazily loaded one is spent by it
         importance = imatrix(
             model, calibration, calibration_samples=calibration_samples, calibration_length=calibration_length,
             tokenizer=tokenizer, device=device, progress=progress,

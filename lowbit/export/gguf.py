@@ -64,6 +64,7 @@ from lowbit.formats.gguf_blocks import quantize_ggml
 from lowbit.formats.gguf_types import GGML_TYPES
 from lowbit.gguf_names import tensor_names
 from lowbit.nn import QuantLinear
+from lowbit.plan import Plan, make_rule
 from lowbit.version import __version__
 
 if TYPE_CHECKING:
@@ -169,6 +170,26 @@ def _choose(tensors: list[_Tensor], options: GgufOptions, config: dict, has_imat
     for tensor in tensors:
         tensor.ggml_type = tensor.ggml_type if tensor.module is not None else choice.types[tensor.gguf_name]
     return choice
+
+
+def gguf_plan(model: nn.Module, options: GgufOptions, method, has_imatrix: bool = False) -> Plan:
+    """A lowbit plan that quantizes each decoder linear to the ``gguf-<type>`` format the mix gives it
+    (a type with no block format, F16 for rows no block divides, keeps it float), by ``method``.
+
+    The pipeline then runs any algorithm over llama.cpp's block geometry (GPTQ's error feedback
+    within K-quant super-blocks), and :func:`write_gguf` copies the blocks as they are.
+    """
+    config = model.config.to_dict()
+    layers_path, _ = decoder_layers(model)
+    tensors = _collect_tensors(model, config, layers_path)
+    _choose(tensors, GgufOptions(**{**options.__dict__, "type": mix_name(options.type)}), config, has_imatrix)
+    rules = [
+        make_rule(tensor.hf_name.removesuffix(".weight"), f"gguf-{tensor.ggml_type.lower()}", method)
+        for tensor in tensors
+        if tensor.layer is not None and tensor.ggml_type not in UNQUANTIZED_TYPES
+        and isinstance(model.get_submodule(tensor.hf_name.removesuffix(".weight")), (nn.Linear, QuantLinear))
+    ]  # fmt: skip
+    return Plan([*rules, make_rule("*", "keep")], f"gguf-{mix_name(options.type).lower()}")
 
 
 def check_requantize(source: str | os.PathLike | None, tensors: list[_Tensor], allow: bool) -> None:
