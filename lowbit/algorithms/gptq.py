@@ -205,18 +205,38 @@ def gptq_quantize(
     assumed; the QTensor dequantizes to exactly this). ``name`` appears in warnings and errors.
     Works on the weight's device, in float32.
     """
-    if isinstance(fmt, FloatFormat):  # stored as they are: nothing to round, nothing to feed forward
-        qtensor = fmt.quantize(weight)
-        return qtensor, fmt.dequantize(qtensor)
-    if config.clip_search and not fmt.supports_clip:
-        raise LowbitError(f"{fmt.name} has no clipping search (its scales are fixed by the format); drop clip_search")
-    w = weight.detach().float().clone()
-    rows, columns = w.shape
-    if prepared is None:
+    if prepared is None and not isinstance(fmt, FloatFormat):
+        columns = weight.shape[1]
         if tuple(hessian.shape) != (columns, columns):
             raise ValueError(f"{name}: a weight with {columns} input columns needs a {columns}x{columns} Hessian, got {tuple(hessian.shape)}")
-        prepared = prepare_hessian(hessian, config, name, w.device)
-    elif tuple(prepared.upper.shape) != (columns, columns):
+        prepared = prepare_hessian(hessian, config, name, weight.device)
+    return gptq_quantize_stacked([weight], prepared, fmt, config, name)[0]
+
+
+def stackable(fmt: Format) -> bool:
+    """Whether weights sharing an input can go through one GPTQ pass as one matrix of stacked
+    rows: the format chooses each row's params from that row alone (not per tensor, no scales
+    coupled across rows like NF4's double quantization), and encodes each row on its own."""
+    return not isinstance(fmt, FloatFormat) and fmt.search_format == fmt and fmt.groups((2, 1)).shape[0] == 2
+
+
+def gptq_quantize_stacked(
+    weights: list[torch.Tensor], prepared: PreparedHessian | None, fmt: Format, config: GPTQConfig = GPTQConfig(), name: str = "weight"
+) -> list[tuple[QTensor, torch.Tensor]]:
+    """GPTQ on weights that read the same input (q, k, v), as one matrix of stacked rows: one
+    column loop instead of one per weight. Every row is rounded on its own (the updates of a
+    row use only that row and the shared factor), so each weight comes out as
+    :func:`gptq_quantize` makes it alone. Needs a :func:`stackable` format for more than one
+    weight; returns ``(QTensor, rounded)`` per weight, in order."""
+    if isinstance(fmt, FloatFormat):  # stored as they are: nothing to round, nothing to feed forward
+        return [(q, fmt.dequantize(q)) for q in map(fmt.quantize, weights)]
+    if len(weights) > 1 and not stackable(fmt):
+        raise ValueError(f"{fmt.name} chooses params across rows; its weights cannot share one GPTQ pass")
+    if config.clip_search and not fmt.supports_clip:
+        raise LowbitError(f"{fmt.name} has no clipping search (its scales are fixed by the format); drop clip_search")
+    w = torch.cat([weight.detach().float() for weight in weights]) if len(weights) > 1 else weights[0].detach().float().clone()
+    rows, columns = w.shape
+    if tuple(prepared.upper.shape) != (columns, columns):
         raise ValueError(f"{name}: a weight with {columns} input columns needs a {columns}x{columns} Hessian, got {tuple(prepared.upper.shape)}")
     w[:, prepared.dead] = 0
 
@@ -260,9 +280,16 @@ def gptq_quantize(
         columns_done = slice(start, stop) if prepared.perm is None else prepared.perm[start:stop]
         codes[:, columns_done] = block_codes
         rounded[:, columns_done] = block_rounded
-    if dynamic:
-        params = chooser.all_chosen()
-    return QTensor(fmt, (rows, columns), fmt.pack(codes, params)), rounded
+    if len(weights) == 1:
+        final = chooser.all_chosen() if dynamic else params
+        return [(QTensor(fmt, (rows, columns), fmt.pack(codes, final)), rounded)]
+    out, first = [], 0
+    for weight in weights:  # each weight's params from its own rows, as it would have had them alone
+        last = first + weight.shape[0]
+        part = chooser.rows(first, last)
+        out.append((QTensor(fmt, tuple(weight.shape), fmt.pack(codes[first:last], part)), rounded[first:last]))
+        first = last
+    return out
 
 
 class _GroupParams:
@@ -308,6 +335,11 @@ class _GroupParams:
         """Every group's params, each from the columns it had when the loop reached it."""
         return self.fmt.choose_params(self.source, clip=self.clip)
 
+    def rows(self, first: int, last: int):
+        """The params of rows ``first:last`` alone (a weight of a stacked pass), chosen from the
+        columns as the loop reached them (static groups: the originals, with their clip ratios)."""
+        return self.fmt.choose_params(self.source[first:last], clip=None if self.clip is None else self.clip[first:last])
+
 
 @register(GPTQConfig)
 def quantize_block(config: GPTQConfig, block: Block, targets: dict[str, Format]) -> dict[str, QTensor]:
@@ -324,13 +356,19 @@ def quantize_block(config: GPTQConfig, block: Block, targets: dict[str, Format])
     for stage in sequential_stages(block, targets, config.sequential):
         statistics = block.collect(config.statistics(), list(stage))
         prepared: dict[int, PreparedHessian] = {}  # one factorisation per shared input
+        passes: dict[tuple, list[str]] = {}  # one column loop per shared input and format
         for name, fmt in stage.items():
             shared = statistics[name]
-            label = f"layer {block.index} {name}"
-            weight = block.weight(name)
+            key = (id(shared), fmt) if stackable(fmt) else (id(shared), fmt, name)
+            passes.setdefault(key, []).append(name)
             if id(shared) not in prepared and not isinstance(fmt, FloatFormat):
-                prepared[id(shared)] = prepare_hessian(shared.hessian, config, label, weight.device)
-            out[name] = gptq_quantize(weight, None, fmt, config, label, prepared.get(id(shared)))[0]
-            if config.sequential:
+                label = f"layer {block.index} {name}"
+                prepared[id(shared)] = prepare_hessian(shared.hessian, config, label, block.weight(name).device)
+        for (shared_id, fmt, *_), names in passes.items():
+            label = f"layer {block.index} {'+'.join(names)}"
+            results = gptq_quantize_stacked([block.weight(n) for n in names], prepared.get(shared_id), fmt, config, label)
+            out.update((n, qtensor) for n, (qtensor, _) in zip(names, results))
+        if config.sequential:
+            for name in stage:
                 block.install(name, out[name])
     return out
