@@ -183,6 +183,31 @@ def test_existing_output_and_interrupted_export_leave_nothing_changed(tmp_path, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no output, no partial directory
 
 
+def test_a_sharded_export_streams_and_reads_back(tmp_path, monkeypatch):
+    """Shards written tensor by tensor (export/repack.py's own safetensors writer) are read by
+    safetensors itself, and the index names every tensor's file."""
+    from lowbit.export import repack
+
+    monkeypatch.setattr(repack, "MAX_SHARD_BYTES", 20_000)
+    model = quantized("int4-g32")
+    lowbit.export(model, tmp_path / "out", to="gptq-v2", progress=False)
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 3 and not (tmp_path / "out" / "model.safetensors").exists()
+    tensors = {}
+    for file in files:
+        loaded = load_file(tmp_path / "out" / file)
+        data = sum(t.numel() * t.element_size() for t in loaded.values())
+        assert data <= 20_000 or len(loaded) == 1  # only a tensor larger than a shard has one of its own
+        assert {key for key, where in index["weight_map"].items() if where == file} == set(loaded)
+        tensors.update(loaded)
+    for name, module in quantized_linears(model).items():
+        assert torch.equal(gptq_reference(tensors, name, 4, v1=False), module.dequantize_weight(torch.float32))
+    assert torch.equal(tensors["model.norm.weight"], model.model.norm.weight)
+    with torch.no_grad():
+        assert torch.equal(lowbit.load(tmp_path / "out")(tiny_tokens()).logits, model(tiny_tokens()).logits)
+
+
 GPTQMODEL_SCRIPT = """
 import sys, torch
 from gptqmodel import GPTQModel, BACKEND

@@ -5,10 +5,10 @@ GPTQ, AWQ and compressed-tensors checkpoints share everything but their quantize
 with every kept tensor as it is, the tokenizer. :func:`write_repacked` does that shared part
 once; each target gives a ``convert(name, module) -> {tensor name: tensor}`` for its linears.
 
-Memory: the model is read one module at a time and the converted tensors are written in
-shards of at most ``max_shard_bytes`` (``model-0000i-of-0000n.safetensors`` and an index
-when there is more than one), so at most one shard of converted tensors exists beside the
-model, never a second copy of it. The directory is built under a temporary name and renamed
+Memory: the model is read one module at a time and each converted tensor is written to disk
+as soon as it is made (:class:`ShardWriter`), in shards of at most ``max_shard_bytes``
+(``model-0000i-of-0000n.safetensors`` and an index when there is more than one), so beside
+the model there is only ever one module's converted tensors, never a second copy of it. The directory is built under a temporary name and renamed
 into place at the end (``atomic.py``), so an interrupted export leaves no output.
 
 ``config.json`` also records, under ``lowbit_export``, that lowbit wrote it (version, target,
@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import struct
 from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from lowbit.export.atomic import atomic_directory
@@ -31,7 +32,7 @@ from lowbit.lazy import INDEX_FILE
 from lowbit.nn import PART_PREFIX, QuantLinear, quantized_linears, unique_state_dict
 from lowbit.version import __version__
 
-#: safetensors shards of a repacked export; small, so the converted tensors held at once stay few
+#: the largest safetensors shard of a repacked export (what hubs and loaders expect: a few GB)
 MAX_SHARD_BYTES = 2 * 10**9
 #: the key of config.json saying that lowbit wrote a repacked export
 EXPORT_KEY = "lowbit_export"
@@ -39,33 +40,74 @@ EXPORT_KEY = "lowbit_export"
 Converter = Callable[[str, QuantLinear], dict[str, torch.Tensor]]
 
 
+#: safetensors' names of the dtypes a repacked export writes
+SAFETENSORS_NAMES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
+    torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+}  # fmt: skip
+
+
+def save_file(path: Path, header: dict[str, dict], data_path: Path) -> None:
+    """Write one safetensors file at ``path``: the header of its tensors (offsets into the raw
+    bytes at ``data_path``), then those bytes, copied in chunks (the streaming counterpart of
+    safetensors' ``save_file``)."""
+    encoded = json.dumps({"__metadata__": {"format": "pt"}, **header}, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    with open(path, "wb") as out, open(data_path, "rb") as data:
+        out.write(struct.pack("<Q", len(encoded)))
+        out.write(encoded)
+        shutil.copyfileobj(data, out, 2**24)
+
+
 class ShardWriter:
-    """Collects tensors and writes them to numbered safetensors shards of at most ``max_bytes``."""
+    """Writes tensors to numbered safetensors shards of at most ``max_bytes``, one tensor at a time.
+
+    safetensors' own ``save_file`` needs every tensor of a file in memory at once (and
+    serializes a copy of them), which for a shard of converted weights is a second copy of
+    that much of the model. The format is simple enough to stream instead: each tensor's bytes
+    are appended to a data file as it comes, and when the shard is complete the file is written
+    as the 8-byte little-endian header length, the JSON header (names, dtypes, shapes, offsets;
+    padded with spaces to a multiple of 8) and the data copied over in chunks. The tests read
+    every shard back with safetensors itself.
+    """
 
     def __init__(self, directory: Path, max_bytes: int = MAX_SHARD_BYTES) -> None:
         self.directory, self.max_bytes = directory, max_bytes
-        self.pending: dict[str, torch.Tensor] = {}
-        self.pending_bytes = 0
         self.files: list[list[str]] = []  # tensor names of each shard written
         self.total_bytes = 0
+        self._open()
+
+    def _open(self) -> None:
+        self.data_path = self.directory / f"shard-{len(self.files)}.data"
+        self.data = open(self.data_path, "wb")
+        self.header: dict[str, dict] = {}
+        self.offset = 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
+        tensor = tensor.detach()
+        if tensor.dtype not in SAFETENSORS_NAMES:
+            raise TypeError(f"{name}: safetensors has no dtype for {tensor.dtype}")
         nbytes = tensor.numel() * tensor.element_size()
-        if self.pending and self.pending_bytes + nbytes > self.max_bytes:
-            self._flush()
-        self.pending[name] = tensor.detach().contiguous()
-        self.pending_bytes += nbytes
+        if self.header and self.offset + nbytes > self.max_bytes:
+            self._close()
+            self._open()
+        if nbytes:
+            self.data.write(memoryview(tensor.cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
+        self.header[name] = {"dtype": SAFETENSORS_NAMES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [self.offset, self.offset + nbytes]}
+        self.offset += nbytes
         self.total_bytes += nbytes
 
-    def _flush(self) -> None:
-        save_file(self.pending, self.directory / f"shard-{len(self.files)}.tmp", metadata={"format": "pt"})
-        self.files.append(list(self.pending))
-        self.pending, self.pending_bytes = {}, 0
+    def _close(self) -> None:
+        """Write the shard being collected as ``shard-N.tmp`` (header, then its data)."""
+        self.data.close()
+        save_file(self.directory / f"shard-{len(self.files)}.tmp", self.header, self.data_path)
+        self.data_path.unlink()
+        self.files.append(list(self.header))
 
     def finish(self) -> None:
         """Write what is pending and give the shards their final names (one file: ``model.safetensors``)."""
-        if self.pending or not self.files:
-            self._flush()
+        self._close()
         count = len(self.files)
         if count == 1:
             (self.directory / "shard-0.tmp").rename(self.directory / "model.safetensors")
@@ -99,7 +141,7 @@ def write_repacked(
     quantization_config: dict,
     convert: Converter,
     extra_files: dict[str, dict] | None = None,
-    max_shard_bytes: int = MAX_SHARD_BYTES,
+    max_shard_bytes: int | None = None,
 ) -> Path:
     """Write ``model`` at ``path``: its config with ``quantization_config``, each quantized linear
     as ``convert`` makes it, every other tensor as it is, ``extra_files`` (name -> JSON), the tokenizer."""
@@ -115,7 +157,7 @@ def write_repacked(
         (temporary / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
         for name, content in (extra_files or {}).items():
             (temporary / name).write_text(json.dumps(content, indent=2) + "\n")
-        shards = ShardWriter(temporary, max_shard_bytes)
+        shards = ShardWriter(temporary, max_shard_bytes or MAX_SHARD_BYTES)
         done: set[str] = set()
         for key, tensor in unique_state_dict(model).items():
             owner = owners.get(key)
