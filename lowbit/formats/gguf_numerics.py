@@ -206,10 +206,13 @@ def make_q3_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tens
     sumlx, suml2 = _sum_rows(wx * lf), _sum_rows(w * lf * lf)
     # C stops a block after a pass that changed none of its codes: each pass runs on the
     # blocks the previous one changed (about a fifth after the first pass), which is exact
-    active = torch.arange(x.shape[1], device=x.device)
+    active = None  # every block in the first pass
     for _ in range(5):
-        xs, ws, wxs, codes = x[:, active], w[:, active], wx[:, active], level[:, active]
-        slx_all, sl2_all = sumlx[active], suml2[active]
+        if active is None:
+            xs, ws, wxs, codes, slx_all, sl2_all = x, w, wx, level, sumlx, suml2
+        else:
+            xs, ws, wxs, codes = (t.index_select(1, active) for t in (x, w, wx, level))
+            slx_all, sl2_all = sumlx.index_select(0, active), suml2.index_select(0, active)
         moved = torch.zeros_like(slx_all, dtype=torch.bool)
         for i in range(x.shape[0]):
             li = codes[i].float()
@@ -224,8 +227,14 @@ def make_q3_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tens
             slx_all = torch.where(take, slx2, slx_all)
             sl2_all = torch.where(take, sl22, sl2_all)
             moved |= take
-        level[:, active], sumlx[active], suml2[active] = codes, slx_all, sl2_all
-        active = active[moved]
+        if active is None:
+            sumlx, suml2 = slx_all, sl2_all
+            active = moved.nonzero().flatten()
+        else:
+            level.index_copy_(1, active, codes)
+            sumlx.index_copy_(0, active, slx_all)
+            suml2.index_copy_(0, active, sl2_all)
+            active = active[moved]
         if active.numel() == 0:
             break
     scale = torch.where(suml2 > 0, sumlx / suml2, torch.zeros_like(sumlx))
