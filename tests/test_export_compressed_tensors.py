@@ -102,12 +102,24 @@ def test_transformers_loads_the_export_with_lowbits_logits(tmp_path, arch, schem
     assert (logits(loaded) - logits(model)).abs().max() < 1e-4
 
 
+def test_w8a8_fp8_with_per_token_activations(tmp_path):
+    """The w8a8-fp8 preset: compressed-tensors' FP8 token scale is max|x| / 448, as lowbit's."""
+    from transformers import AutoModelForCausalLM
+
+    model = quantized("w8a8-fp8")
+    out, config = export(model, tmp_path)
+    (group,) = config["config_groups"].values()
+    assert group["format"] == "float-quantized" and group["input_activations"]["type"] == "float"
+    check_with_package(model, out, config)
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    assert (logits(loaded) - logits(model)).abs().max() < 1e-4
+
+
 def test_w8a8_int_quantized_with_per_token_activations(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    model = quantized("int8")
-    for module in quantized_linears(model).values():
-        module.input_quantizer = fake_quantize_int8_per_token
+    model = quantized("w8a8")
+    assert all(m.input_quantizer is fake_quantize_int8_per_token for m in quantized_linears(model).values())
     out, config = export(model, tmp_path)
     (group,) = config["config_groups"].values()
     assert group["format"] == "int-quantized" and group["input_activations"]["strategy"] == "token"
@@ -143,5 +155,5 @@ def test_formats_it_cannot_carry_are_refused_naming_one_that_can(tmp_path):
         export(quantized("int4-g64"), tmp_path)
     asym_w8a8 = quantized("int8-asym")
     next(iter(quantized_linears(asym_w8a8).values())).input_quantizer = fake_quantize_int8_per_token
-    with pytest.raises(LowbitError, match="symmetric INT8"):
+    with pytest.raises(LowbitError, match="not int8-asym with fake_quantize_int8_per_token"):
         export(asym_w8a8, tmp_path)

@@ -13,8 +13,10 @@ under ``ignore``, ``quantization_status: "compressed"``, and per module:
 - **int-quantized** (W8A8: symmetric INT8 weights on a linear whose ``input_quantizer`` is
   lowbit's dynamic per-token INT8, as SmoothQuant sets it): ``weight`` int8, ``weight_scale``,
   and ``input_activations`` ``{int, 8 bits, strategy token, dynamic}``;
-- **float-quantized** (FP8 E4M3 weights, per channel or tensor; W8A16): ``weight``
-  float8_e4m3fn, ``weight_scale`` ``(out, 1)`` or ``(1,)``.
+- **float-quantized** (FP8 E4M3 weights, per channel or tensor; W8A16, or W8A8 with lowbit's
+  dynamic per-token FP8 activations, the ``w8a8-fp8`` preset): ``weight`` float8_e4m3fn,
+  ``weight_scale`` ``(out, 1)`` or ``(1,)``, and for W8A8 ``input_activations``
+  ``{float, 8 bits, strategy token, dynamic}``.
 
 Scales are written in the model's dtype, because that is the dtype compressed-tensors,
 transformers and vLLM create them in when loading (``initialize_qparams`` uses the weight's
@@ -29,12 +31,11 @@ with GPTQ and AWQ. The tests prove it with the package's ``decompress`` and with
 transformers' compressed-tensors loader.
 
 Not written (refused naming a target that can): a partial last group (the package's
-quantize/dequantize require whole groups), NF4, MXFP4, FP8 E5M2, FP8 W8A8 (lowbit has
-no FP8 activation quantizer yet), asymmetric W8A8. vLLM (not runnable here) reads the same
+quantize/dequantize require whole groups), NF4, MXFP4, FP8 E5M2, asymmetric W8A8. vLLM (not runnable here) reads the same
 names: ``CompressedTensorsWNA16.create_weights`` registers ``weight_packed`` (int32,
 ``packed_dim=1``), ``weight_scale``, ``weight_shape`` and, for asym, ``weight_zero_point``
-packed along the outputs; ``CompressedTensorsW8A8Int8``/``W8A16Fp8`` register ``weight`` and
-``weight_scale``.
+packed along the outputs; ``CompressedTensorsW8A8Int8`` / ``W8A16Fp8`` / ``W8A8Fp8`` register
+``weight`` and ``weight_scale``.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ from lowbit.export.repack import dense_linears, model_dtype, write_repacked
 from lowbit.formats import Format
 from lowbit.formats.fp8 import FP8Format
 from lowbit.formats.integer import IntegerFormat
-from lowbit.kernels.activation import fake_quantize_int8_per_token
+from lowbit.kernels.activation import fake_quantize_fp8_per_token, fake_quantize_int8_per_token
 from lowbit.nn import QuantLinear, quantized_linears
 
 TARGET = "compressed-tensors"
@@ -80,6 +81,7 @@ def _weight_args(fmt: Format) -> dict:
 
 
 ACTIVATIONS_INT8_TOKEN = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True}
+ACTIVATIONS_FP8_TOKEN = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "token", "dynamic": True}
 
 
 def scheme_of(name: str, module: QuantLinear) -> tuple[str, dict, dict | None]:
@@ -87,12 +89,13 @@ def scheme_of(name: str, module: QuantLinear) -> tuple[str, dict, dict | None]:
     fmt, quantizer = module.format, module.input_quantizer
     if quantizer is None:
         return (FLOAT if isinstance(fmt, FP8Format) else PACK), _weight_args(fmt), None
-    if quantizer is not fake_quantize_int8_per_token:
-        raise LowbitError(f"{TARGET} cannot carry {name}: its input quantizer {quantizer!r} has no compressed-tensors scheme")
-    if isinstance(fmt, IntegerFormat) and fmt.bits == 8 and fmt.symmetric:
+    if quantizer is fake_quantize_fp8_per_token and isinstance(fmt, FP8Format):
+        return FLOAT, _weight_args(fmt), ACTIVATIONS_FP8_TOKEN
+    if quantizer is fake_quantize_int8_per_token and isinstance(fmt, IntegerFormat) and fmt.bits == 8 and fmt.symmetric:
         return INT, _weight_args(fmt), ACTIVATIONS_INT8_TOKEN
     raise LowbitError(
-        f"{TARGET} cannot carry {name}: W8A8 with per-token INT8 activations takes symmetric INT8 weights, not {fmt.name}"
+        f"{TARGET} cannot carry {name}: its W8A8 schemes are symmetric INT8 weights with per-token INT8 activations "
+        f"and FP8 weights with per-token FP8 activations, not {fmt.name} with {getattr(quantizer, '__name__', quantizer)}"
     )
 
 
