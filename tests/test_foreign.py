@@ -181,3 +181,48 @@ def test_the_cli_inspects_and_evaluates_a_foreign_checkpoint(exports, eval_text_
                                 "--window-length", "32"], capture_output=True, text=True, timeout=300)  # fmt: skip
     assert evaluated.returncode == 0, evaluated.stderr
     assert "perplexity" in evaluated.stdout.lower()
+
+
+PEER_PYTHON = Path(__file__).resolve().parents[1] / ".venv-peers" / "llmcompressor" / "bin" / "python"
+LLMCOMPRESSOR_SCRIPT = """
+import sys, torch
+from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+from llmcompressor import oneshot
+from llmcompressor.modifiers.quantization import QuantizationModifier
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM
+source, out, symmetric = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
+model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16)
+weights = {"num_bits": 4, "type": "int", "symmetric": symmetric, "strategy": "group", "group_size": 32}
+oneshot(model=model, recipe=QuantizationModifier(config_groups={"g": {"targets": ["Linear"], "weights": weights}}, ignore=["lm_head"]))
+dense = {}
+with torch.no_grad():
+    for name, module in model.named_modules():
+        if getattr(module, "quantization_scheme", None) is not None and hasattr(module, "weight_scale"):
+            zero = getattr(module, "weight_zero_point", None)
+            dense[name] = fake_quantize(module.weight, module.weight_scale, zero, module.quantization_scheme.weights).float().contiguous()
+model.save_pretrained(out, save_compressed=True)
+save_file(dense, out + ".dense.safetensors")
+"""
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_a_checkpoint_llm_compressor_made_loads_with_its_weights(tmp_path, byte_tokenizer, symmetric):
+    """llm-compressor 0.14 (RTN W4A16 g32, bf16 model) writes a real compressed-tensors checkpoint;
+    lowbit reads it into QuantLinears whose weights are llm-compressor's own fake-quantized ones."""
+    if not PEER_PYTHON.exists():
+        pytest.skip(f"llm-compressor's environment {PEER_PYTHON} is not there (bench/foundation.py makes it)")
+    source = tmp_path / "float"
+    tiny_model("llama", **SHAPES).to(torch.bfloat16).save_pretrained(source)
+    byte_tokenizer.save_pretrained(source)
+    out = tmp_path / "ct"
+    subprocess.run([str(PEER_PYTHON), "-c", LLMCOMPRESSOR_SCRIPT, str(source), str(out), "1" if symmetric else "0"],
+                   check=True, capture_output=True, timeout=900)  # fmt: skip
+    dense = load_file(str(out) + ".dense.safetensors")
+    model = lowbit.load(out)
+    assert set(quantized_linears(model)) == set(dense)
+    for name, module in quantized_linears(model).items():
+        assert module.format.name == ("int4-sym-g32" if symmetric else "int4-g32")
+        # llm-compressor's fake-quantized weight comes back in the model's bf16: ours rounded the same way
+        assert torch.equal(module.dequantize_weight(torch.float32).to(torch.bfloat16).float(), dense[name]), name
