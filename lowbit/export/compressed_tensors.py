@@ -104,9 +104,9 @@ def _scale(scale: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
     converted = scale.to(dtype)
     if not torch.equal(converted.float(), scale.float()):
         raise LowbitError(
-            f"{TARGET} cannot carry {name} exactly: its loaders keep scales in the model's dtype ({dtype}), "
-            "which would round lowbit's scales; quantize a float32 or float16 copy of the model "
-            "(keep_dtype='fp32' / --keep-dtype fp32), or export to gptq / awq (float16 scales)"
+            f"{TARGET} cannot carry {name} exactly: its loaders keep scales in the dtype the model computes in "
+            f"({str(dtype).removeprefix('torch.')}), which would round lowbit's scales; export to gptq or awq (float16 "
+            "scales), or quantize a copy of the model loaded in float16 or float32"
         )
     return converted
 
