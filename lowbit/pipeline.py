@@ -128,6 +128,10 @@ def capture_layer_inputs(model: nn.Module, layers_path: str, tokens: torch.Tenso
     return Calibration(hidden, calls)
 
 
+class _Collected(Exception):
+    """Raised by the last statistics hook of a batch: the rest of the layer is not needed."""
+
+
 def _install(owner: nn.Module, name: str, qtensor: QTensor, activations: str | None) -> None:
     """Put a QuantLinear of ``qtensor`` (with the linear's bias and ``activations``' quantizer) in
     place of linear ``name`` of ``owner``."""
@@ -163,24 +167,46 @@ class LayerBlock:
     def weight(self, name: str) -> torch.Tensor:
         return dense_weight(self.layer.get_submodule(name))
 
-    def run(self) -> list[torch.Tensor]:
-        """The layer's outputs for every calibration batch; the linears installed so far are
-        dequantized once for the run (``nn.dense_cache``), not once per batch."""
+    def _forward(self, stop: Callable[[], bool] | None = None) -> list[torch.Tensor | None]:
+        """Run the layer on every calibration batch, the linears installed so far dequantized
+        once for the whole run (``nn.dense_cache``), not once per batch. ``stop``: called at
+        the start of each batch; a hook may then raise :class:`_Collected` to end the batch
+        early (no output for it)."""
         if self._state is None:
             raise LowbitError("this block has no calibration inputs to run")
         calls = self._state.calls[self.index]
+        outputs: list[torch.Tensor | None] = []
         with dense_cache(self.layer):
-            return [
-                _layer_output(self.layer(h.to(self.device), *_to(c.args, self.device), **_to(c.kwargs, self.device))).to(h.device)
-                for h, c in zip(self._state.hidden, calls)
-            ]
+            for h, c in zip(self._state.hidden, calls):
+                if stop is not None:
+                    stop()
+                try:
+                    output = self.layer(h.to(self.device), *_to(c.args, self.device), **_to(c.kwargs, self.device))
+                except _Collected:
+                    outputs.append(None)
+                    continue
+                outputs.append(_layer_output(output).to(h.device))
+        return outputs
+
+    def run(self) -> list[torch.Tensor]:
+        return self._forward()
 
     def collect(self, kinds: frozenset[str], names: list[str]) -> dict[str, InputStatistics]:
         """Run the layer with one hook per shared input of ``names``; every linear of a group
-        gets the same :class:`InputStatistics`."""
+        gets the same :class:`InputStatistics`. Each batch stops as soon as every hooked input
+        has been seen: collecting o_proj's input runs the attention, not the MLP after it."""
         wanted = set(names)
         collectors: dict[str, InputStatistics] = {}
         handles = []
+        waiting: set[int] = set()
+        hooked: set[int] = set()
+
+        def seen(module: nn.Module, inputs: tuple, statistics: InputStatistics) -> None:
+            statistics.add(inputs[0])
+            waiting.discard(id(module))
+            if not waiting:
+                raise _Collected
+
         for group in self.groups:
             members = [name for name in group.linears if name in wanted]
             if not members:
@@ -188,9 +214,10 @@ class LayerBlock:
             first = self.layer.get_submodule(group.linears[0])
             statistics = InputStatistics(kinds, first.in_features if hasattr(first, "in_features") else dense_weight(first).shape[1])
             collectors.update(dict.fromkeys(members, statistics))
-            handles.append(first.register_forward_hook(lambda _m, inputs, _o, s=statistics: s.add(inputs[0])))
+            hooked.add(id(first))
+            handles.append(first.register_forward_pre_hook(lambda module, inputs, s=statistics: seen(module, inputs, s)))
         try:
-            self.run()
+            self._forward(stop=lambda: waiting.update(hooked))
         finally:
             for handle in handles:
                 handle.remove()

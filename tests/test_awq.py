@@ -25,7 +25,7 @@ from lowbit.errors import LowbitError
 from lowbit.folding import fold_input_scale, fold_problem, foldable_families, norm_offset_of
 from lowbit.formats import get_format
 from lowbit.nn import QuantLinear
-from lowbit.pipeline import LayerBlock, quantize_model
+from lowbit.pipeline import LayerBlock, capture_layer_inputs, quantize_model
 from lowbit.plan import Plan, make_rule
 
 
@@ -218,6 +218,25 @@ def test_sequential_order_and_fold_targets_quantized_after_their_fold(monkeypatc
     assert installed == [q, k, v, o, gate, up, down]
     # v_proj was quantized after o's scale divided its rows: its stored weight is not v's rounding
     assert not torch.allclose(layer.self_attn.v_proj.dequantize_weight(torch.float32), v_before, atol=0.02)
+
+
+def test_collect_stops_each_batch_once_its_inputs_are_seen():
+    """Collecting o_proj's input runs the attention, not the MLP after it; the statistics equal
+    those of a collection that runs the whole layer."""
+    model = tiny_model("llama")
+    state = capture_layer_inputs(model, "model.layers", tiny_tokens(4, 16), batch_size=2)
+    layer = model.model.layers[0]
+    block = LayerBlock(0, layer, torch.device("cpu"), input_groups_of(model, layer), state)
+    ran = []
+    handles = [getattr(layer, part).register_forward_pre_hook(lambda *_, part=part: ran.append(part)) for part in ("self_attn", "mlp")]
+    alone = block.collect(frozenset({"hessian"}), ["self_attn.o_proj"])["self_attn.o_proj"]
+    assert ran == ["self_attn", "self_attn"]  # two batches, no MLP
+    ran.clear()
+    every = block.collect(frozenset({"hessian"}), ["self_attn.o_proj", "mlp.down_proj"])["self_attn.o_proj"]
+    assert ran == ["self_attn", "mlp"] * 2
+    assert torch.equal(alone.hessian, every.hessian) and alone.rows == every.rows == 4 * 16
+    for handle in handles:
+        handle.remove()
 
 
 def test_non_sequential_collects_once_from_the_float_layer(monkeypatch):
