@@ -67,7 +67,8 @@ def write_imatrix(matrix: ImportanceMatrix, path: str | os.PathLike, overwrite: 
     writer = _ImatrixWriter(temporary, arch="")
     try:
         writer.add_type(gguf.GGUFType.IMATRIX)
-        writer.add_array(KEY_DATASETS, list(matrix.datasets))
+        # llama-quantize refuses a file without this key, and gguf-py writes no empty array
+        writer.add_array(KEY_DATASETS, list(matrix.datasets) or ["(unnamed)"])
         writer.add_uint32(KEY_CHUNK_COUNT, int(matrix.chunk_count))
         writer.add_uint32(KEY_CHUNK_SIZE, int(matrix.chunk_size))
         for name in sorted(matrix.entries):  # llama.cpp's order: sorted names

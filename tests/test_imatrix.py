@@ -169,6 +169,14 @@ def test_gguf_round_trip(tmp_path):
         assert torch.equal(back.entries[name].sums, entry.sums) and torch.equal(back.entries[name].counts, entry.counts)
 
 
+def test_a_matrix_without_dataset_names_still_has_every_key(tmp_path):
+    matrix = _matrix()
+    matrix.datasets = []
+    fields = gguf.GGUFReader(write_imatrix(matrix, tmp_path / "m.gguf")).fields
+    assert fields["imatrix.datasets"].contents() == ["(unnamed)"]  # llama-quantize needs the key
+    assert read_imatrix(tmp_path / "m.gguf").chunk_count == 3
+
+
 def test_output_is_refused_when_it_exists_and_replaced_with_overwrite(tmp_path):
     path = tmp_path / "m.gguf"
     path.write_bytes(b"keep me")
