@@ -22,7 +22,9 @@ from llmcompressor import oneshot
 from llmcompressor.modifiers.quantization import QuantizationModifier
 from llmcompressor.modifiers.transform.awq import AWQModifier
 from llmcompressor.pipelines.cache import IntermediatesCache
-from peer_llmcompressor_worker import write_fake_quantized  # same folder: the script's own
+from peer_llmcompressor_worker import (
+    write_fake_quantized,  # same folder: the script's own
+)
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 

@@ -30,8 +30,8 @@ import ctypes.util
 import time
 import warnings
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
@@ -45,8 +45,8 @@ from lowbit.folding import fold_input_scale, fold_problem, foldable_families, no
 from lowbit.formats import Format
 from lowbit.kernels.activation import activation_quantizer
 from lowbit.nn import QuantLinear, dense_cache, dense_weight, is_linear, set_submodule
-from lowbit.qtensor import QTensor
 from lowbit.plan import Plan, Rule
+from lowbit.qtensor import QTensor
 from lowbit.version import __version__
 
 

@@ -22,7 +22,12 @@ from lowbit.algorithms.awq import scale_from_magnitude, search_scale
 from lowbit.api import _sharing_copy
 from lowbit.arch import input_groups_of
 from lowbit.errors import LowbitError
-from lowbit.folding import fold_input_scale, fold_problem, foldable_families, norm_offset_of
+from lowbit.folding import (
+    fold_input_scale,
+    fold_problem,
+    foldable_families,
+    norm_offset_of,
+)
 from lowbit.formats import get_format
 from lowbit.nn import QuantLinear
 from lowbit.pipeline import LayerBlock, capture_layer_inputs, quantize_model
@@ -184,7 +189,10 @@ def with_outliers(model: torch.nn.Module, seed: int = 5) -> torch.nn.Module:
 
 def test_awq_beats_rtn_with_clip_where_activations_have_outliers():
     calibration, held_out = tiny_tokens(16, 64, seed=1), tiny_tokens(4, 32, seed=2)
-    make = lambda: with_outliers(tiny_model("llama", num_key_value_heads=4))  # noqa: E731 (v -> o folds too)
+
+    def make():
+        return with_outliers(tiny_model("llama", num_key_value_heads=4))  # no GQA: v -> o folds too
+
     reference = make()
     awq = quantize_model(make(), awq_plan(), calibration=calibration, progress=False)
     rtn = quantize_model(make(), Plan([make_rule("lm_head", "keep"), make_rule("*", "int4-g32+clip")]), calibration=calibration, progress=False)

@@ -19,7 +19,11 @@ from lowbit.algorithms import SmoothQuantConfig, config_class
 from lowbit.algorithms.smoothquant import smoothing_scale
 from lowbit.errors import LowbitError, UnknownNameError
 from lowbit.formats import get_format
-from lowbit.kernels.activation import activation_quantizer, fake_quantize_fp8_per_token, fake_quantize_int8_per_token
+from lowbit.kernels.activation import (
+    activation_quantizer,
+    fake_quantize_fp8_per_token,
+    fake_quantize_int8_per_token,
+)
 from lowbit.nn import QuantLinear
 from lowbit.pipeline import quantize_model
 from lowbit.plan import Plan, make_rule, resolve_scheme
