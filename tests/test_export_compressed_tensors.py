@@ -29,10 +29,10 @@ from lowbit.nn import quantized_linears
 from lowbit.plan import Plan, make_rule
 
 ct = pytest.importorskip("compressed_tensors")
-from compressed_tensors.compressors import BaseCompressor  # noqa: E402
-from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme  # noqa: E402
+from compressed_tensors.compressors import BaseCompressor
+from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
 
-SHAPES = dict(intermediate_size=192)
+SHAPES = {"intermediate_size": 192}
 
 
 def quantized(scheme, arch: str = "llama", dtype: torch.dtype = torch.float32, **overrides):

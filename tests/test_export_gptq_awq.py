@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -31,7 +30,7 @@ from lowbit.export.int_layouts import AWQ_ORDER, pack_int32, unpack_int32
 from lowbit.nn import quantized_linears
 from lowbit.plan import Plan, make_rule
 
-SHAPES = dict(intermediate_size=192)
+SHAPES = {"intermediate_size": 192}
 
 
 def quantized(scheme, **overrides):
@@ -58,7 +57,9 @@ def gptq_reference(tensors: dict, name: str, bits: int, v1: bool) -> torch.Tenso
 
 def awq_reference(tensors: dict, name: str, group_size: int) -> torch.Tensor:
     """compressed-tensors' AutoAWQ converter's reading of one module, dequantized: float32 ``(out, in)``."""
-    from compressed_tensors.entrypoints.convert.converters.autoawq import AutoAWQConverter
+    from compressed_tensors.entrypoints.convert.converters.autoawq import (
+        AutoAWQConverter,
+    )
 
     converter = AutoAWQConverter(bits=4, group_size=group_size)
     weight, scale, zero = converter._convert_gemm_module(tensors[f"{name}.qweight"], tensors[f"{name}.scales"], tensors[f"{name}.qzeros"])

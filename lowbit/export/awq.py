@@ -33,7 +33,12 @@ from torch import nn
 
 from lowbit.errors import LowbitError
 from lowbit.export.gptq import uniform_format
-from lowbit.export.int_layouts import AWQ_ORDER, int_format_reason, int_weight, pack_int32
+from lowbit.export.int_layouts import (
+    AWQ_ORDER,
+    int_format_reason,
+    int_weight,
+    pack_int32,
+)
 from lowbit.export.repack import write_repacked
 from lowbit.formats import Format
 from lowbit.nn import QuantLinear, quantized_linears

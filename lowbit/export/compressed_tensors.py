@@ -48,12 +48,20 @@ import torch
 from torch import nn
 
 from lowbit.errors import LowbitError
-from lowbit.export.int_layouts import int_format_reason, int_weight, pack_int32, partial_group_reason
+from lowbit.export.int_layouts import (
+    int_format_reason,
+    int_weight,
+    pack_int32,
+    partial_group_reason,
+)
 from lowbit.export.repack import dense_linears, model_dtype, write_repacked
 from lowbit.formats import Format
 from lowbit.formats.fp8 import FP8Format
 from lowbit.formats.integer import IntegerFormat
-from lowbit.kernels.activation import fake_quantize_fp8_per_token, fake_quantize_int8_per_token
+from lowbit.kernels.activation import (
+    fake_quantize_fp8_per_token,
+    fake_quantize_int8_per_token,
+)
 from lowbit.nn import QuantLinear, quantized_linears
 
 TARGET = "compressed-tensors"

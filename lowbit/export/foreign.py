@@ -159,7 +159,7 @@ class GPTQReader(Reader):
         })  # fmt: skip
 
     def implied(self, name: str, shape: tuple[int, int], stored: dict[str, tuple]) -> str:
-        out, columns = shape
+        columns = shape[1]
         notes = []
         if "qweight" in stored and stored["qweight"][0] and columns:
             notes.append(f"qweight implies {stored['qweight'][0] * 32 / columns:g} bits")
@@ -203,7 +203,7 @@ class AWQReader(Reader):
         })  # fmt: skip
 
     def implied(self, name: str, shape: tuple[int, int], stored: dict[str, tuple]) -> str:
-        out, columns = shape
+        columns = shape[1]
         if "scales" in stored and stored["scales"][0]:
             return f"scales imply a group size of {columns / stored['scales'][0]:g}"
         return ""
@@ -271,7 +271,7 @@ class CompressedTensorsReader(Reader):
         return Layout(bits, group, symmetric, expected)
 
     def implied(self, name: str, shape: tuple[int, int], stored: dict[str, tuple]) -> str:
-        out, columns = shape
+        columns = shape[1]
         notes = []
         if "weight_packed" in stored and len(stored["weight_packed"]) == 2 and columns:
             notes.append(f"weight_packed implies {stored['weight_packed'][1] * 32 / columns:g} bits")

@@ -40,7 +40,12 @@ import torch
 from torch import nn
 
 from lowbit.errors import LowbitError
-from lowbit.export.int_layouts import int_format_reason, int_weight, pack_int32, partial_group_reason
+from lowbit.export.int_layouts import (
+    int_format_reason,
+    int_weight,
+    pack_int32,
+    partial_group_reason,
+)
 from lowbit.export.repack import dense_linears, write_repacked
 from lowbit.formats import Format
 from lowbit.nn import QuantLinear, quantized_linears

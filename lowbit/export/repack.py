@@ -21,8 +21,8 @@ import json
 import os
 import shutil
 import struct
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -80,7 +80,7 @@ class ShardWriter:
 
     def _open(self) -> None:
         self.data_path = self.directory / f"shard-{len(self.files)}.data"
-        self.data = open(self.data_path, "wb")
+        self.data = open(self.data_path, "wb")  # noqa: SIM115 (open across add() calls, closed by _close)
         self.header: dict[str, dict] = {}
         self.offset = 0
 
