@@ -63,7 +63,7 @@ from lowbit.errors import LowbitError
 from lowbit.export.native import TRANSFORMERS_GUARD, check_checkpoint, save_native, tensor_digest
 from lowbit.lazy import StoredTensors
 from lowbit.nn import PART_PREFIX, QuantLinear, is_linear, linear_shape, quantized_linears, set_submodule
-from lowbit.pipeline import plan_uses_statistics, round_kept_tensors
+from lowbit.pipeline import plan_uses_statistics, return_freed_memory, round_kept_tensors
 from lowbit.plan import Plan, resolve_scheme
 from lowbit.version import __version__
 
@@ -163,6 +163,7 @@ class LowbitQuantize(ConversionOps):
         self.quantizer = quantizer
 
     def convert(self, input_dict: dict, full_layer_name: str | None = None, model=None, missing_keys=None, **kwargs) -> dict:
+        return_freed_memory()  # the dense weight converted before this one: back to the OS, not glibc's heap
         (key, value), = input_dict.items()
         value = value[0] if isinstance(value, list) else value
         name = key.removesuffix(".weight")
@@ -254,6 +255,7 @@ class LowbitHfQuantizer(HfQuantizer):
             raise LowbitError(f"plan {self.plan.name!r} quantizes no layer of this model: every linear is kept")
 
     def _process_model_after_weight_loading(self, model, **kwargs):
+        return_freed_memory()
         if self.pre_quantized:
             self._check_digests(model)
             manifest = self.quantization_config.manifest
