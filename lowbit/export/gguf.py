@@ -258,7 +258,7 @@ def encode(ggml_type: str, value: torch.Tensor, importance: torch.Tensor | None 
 
 def _general_metadata(writer: gguf.GGUFWriter, model: nn.Module, mix: str, name: str | None) -> None:
     writer.add_type(gguf.GGUFType.MODEL)
-    writer.add_name(name or getattr(model.config, "name_or_path", None) or model.config.model_type)
+    writer.add_name(name or Path(getattr(model.config, "name_or_path", None) or model.config.model_type).name)
     writer.add_quantized_by(f"lowbit {__version__}")
     writer.add_file_type(file_type(mix))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -328,7 +328,7 @@ def write_gguf(
     temporary = path.parent / f".{path.name}.partial-{os.getpid()}"
     writer = gguf.GGUFWriter(temporary, arch)
     try:
-        _general_metadata(writer, model, mix, name)
+        _general_metadata(writer, model, mix, name or (Path(source).stem if source is not None else None))
         family.hyperparameters(writer, config)
         if tokenizer_source is not None:
             add_tokenizer(writer, tokenizer_source, vocab_size=config["vocab_size"])
