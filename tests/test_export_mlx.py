@@ -16,6 +16,7 @@ consumer tests skip, saying why.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -28,7 +29,6 @@ from tiny_models import tiny_model
 import lowbit
 from lowbit.errors import LowbitError
 from lowbit.export import mlx as mlx_export
-from lowbit.export import repack
 from lowbit.lazy import INDEX_FILE
 from lowbit.formats import get_format
 from lowbit.plan import Plan, make_rule
@@ -116,16 +116,23 @@ def check_same_model(model, loaded, tokenizer, atol: float = 1e-4) -> None:
     np.testing.assert_allclose(got, expected, atol=atol, rtol=0)
     assert (got.argmax(-1) == expected.argmax(-1)).all()
     with torch.no_grad():
-        ours = model.generate(torch.tensor([PROMPT]), max_new_tokens=NEW_TOKENS, do_sample=False)[0, len(PROMPT) :].tolist()
+        prompt = torch.tensor([PROMPT])  # the mask says so: Phi-3's pad id 0 is in the prompt, and generate would mask it
+        ours = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=NEW_TOKENS, do_sample=False)
+        ours = ours[0, len(PROMPT) :].tolist()
     theirs = [response.token for response in mlx_lm.stream_generate(loaded, tokenizer, PROMPT, max_tokens=NEW_TOKENS)]
     assert theirs == ours
     assert len(set(ours)) > 1, "a degenerate continuation proves little; pick another prompt"
 
 
-@pytest.mark.parametrize(("arch", "scheme"), [("llama", "int4-g64"), ("qwen2", "int8-g32"), ("qwen2", "int4-g64")])
+@pytest.mark.parametrize(
+    ("arch", "scheme"),
+    [("llama", "int4-g64"), ("qwen2", "int8-g32"), ("qwen2", "int4-g64"), ("mistral", "int4-g64"), ("phi3", "int8-g32")],
+)
 def test_mlx_lm_runs_the_export_like_lowbit(tmp_path, arch, scheme):
-    model = lowbit.quantize(tiny_model(arch, **SHAPES), scheme, progress=False)
-    out, loaded, tokenizer = export_and_load(model, tmp_path)
+    window = {"sliding_window": len(PROMPT) + NEW_TOKENS} if arch == "mistral" else {}  # see test_sliding_windows_warn
+    model = lowbit.quantize(tiny_model(arch, **SHAPES, **window), scheme, progress=False)
+    with pytest.warns(UserWarning, match="sliding window") if window else contextlib.nullcontext():
+        out, loaded, tokenizer = export_and_load(model, tmp_path)
     config = json.loads((out / "config.json").read_text())
     fmt = get_format(scheme)
     assert config["quantization"] == {
@@ -191,6 +198,18 @@ def test_a_bfloat16_model_warns_and_stays_close(tmp_path):
     assert np.abs(got - exact).max() < 0.2 * exact.std()
 
 
+def test_sliding_windows_mlx_lm_ignores_are_warned_about(tmp_path):
+    """mlx-lm runs Mistral as Llama, every layer global: past the window it is another model."""
+    model = lowbit.quantize(tiny_model("mistral", **SHAPES), "int4-g64", progress=False)  # a window of 16
+    with pytest.warns(UserWarning, match="without its sliding window of 16 tokens"):
+        _, loaded, _ = export_and_load(model, tmp_path)
+    with torch.no_grad():
+        expected = model(torch.tensor([PROMPT])).logits[0].numpy()
+    got = to_numpy(loaded(mx.array([PROMPT]))[0])
+    np.testing.assert_allclose(got[:16], expected[:16], atol=1e-4, rtol=0)
+    assert np.abs(got[16:] - expected[16:]).max() > 0.01  # if mlx-lm learns sliding windows, drop the warning
+
+
 def test_transformers_5_rope_parameters_reach_mlx_lm():
     """mlx-lm reads ``rope_theta``; transformers 5 writes ``rope_parameters`` (Qwen2 would fall back to 1e6)."""
     config = {"rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"}}
@@ -243,7 +262,7 @@ def test_an_existing_output_is_refused(tmp_path):
 def test_an_interrupted_export_leaves_nothing(tmp_path, monkeypatch, error):
     model = lowbit.quantize(tiny_model("llama", **SHAPES), "int4-g64", progress=False)
     calls = []
-    real_save = repack.save_file
+    real_save = mlx_export.save_file
 
     def failing_save(*args, **kwargs):
         calls.append(1)
@@ -251,7 +270,7 @@ def test_an_interrupted_export_leaves_nothing(tmp_path, monkeypatch, error):
             raise error
         return real_save(*args, **kwargs)
 
-    monkeypatch.setattr(repack, "save_file", failing_save)
+    monkeypatch.setattr(mlx_export, "save_file", failing_save)
     with pytest.raises(type(error)):
         mlx_export.save_mlx(model, tmp_path / "out", make_byte_tokenizer(), max_shard_bytes=40_000)
     assert len(calls) == 2 and list(tmp_path.iterdir()) == []

@@ -35,6 +35,12 @@ tensor lowbit keeps in float (embeddings, norms) is written in the dtype the mod
 in, so MLX computes in it too: for a float32 model (the default SmolLM2) that is float32. MXFP4's codes and
 E8M0 scales are the OCP layout on both sides and map exactly in any dtype.
 
+Two config keys are adapted for mlx-lm 0.32: transformers 5 writes ``rope_parameters``,
+mlx-lm's model arguments read ``rope_theta`` / ``rope_scaling`` (and would silently take their
+own defaults), so those are added (:func:`legacy_rope`); a quantized ``lm_head`` of a model
+that tied it to the embeddings unties it. mlx-lm applies no sliding window to Mistral or
+Gemma 2, so their exports warn that past the window they are other models.
+
 What MLX cannot carry is refused, naming a target that can: NF4, FP8 (MLX's ``mxfp8`` has
 power-of-two scales per 32, not a float scale per channel), 7-bit integers, per-channel or
 per-tensor scales, group sizes other than 32, 64 and 128, and partial last groups (MLX needs
@@ -42,8 +48,8 @@ whole groups along the input; checked before anything is written). Layers kept b
 format (``fp16`` …) are written as plain float weights.
 
 The writer streams: each module is converted on its own (a packed weight is a view of
-lowbit's bytes; only scales and biases are new) and written by ``repack.ShardWriter``, which
-starts a new shard as soon as one is full (mlx ships no writer that runs without mlx itself).
+lowbit's bytes; only scales and biases are new) and a shard is written as soon as it is full
+(:func:`write_shards`; mlx ships no writer that runs without mlx itself).
 """
 
 from __future__ import annotations
@@ -57,12 +63,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from lowbit.errors import LowbitError
 from lowbit.export.atomic import atomic_directory
-from lowbit.export.repack import EXPORT_KEY, MAX_SHARD_BYTES, ShardWriter, model_dtype
+from lowbit.export.repack import EXPORT_KEY, MAX_SHARD_BYTES, model_dtype
 from lowbit.formats import Format
+from lowbit.lazy import INDEX_FILE
 from lowbit.nn import PART_PREFIX, QuantLinear, is_linear, quantized_linears, unique_state_dict
 from lowbit.version import __version__
 
@@ -211,6 +219,21 @@ def mlx_config(model: nn.Module, dtype: torch.dtype) -> dict:
     return config
 
 
+#: model types whose sliding-window attention mlx-lm 0.32 does not apply (Mistral runs as Llama
+#: with every layer global; its Gemma 2 has one causal mask): outputs differ past the window
+UNSLID = ("mistral", "gemma2")
+
+
+def _warn_if_unslid(config: dict) -> None:
+    window = config.get("sliding_window")
+    if config.get("model_type") in UNSLID and window:
+        warnings.warn(
+            f"mlx-lm runs {config['model_type']} without its sliding window of {window} tokens: beyond that much "
+            "context its outputs differ from lowbit's (and transformers')",
+            stacklevel=3,
+        )
+
+
 def _warn_if_inexact(model: nn.Module, dtype: torch.dtype) -> None:
     if dtype != torch.float32 and any(m.format.family == "int" for m in quantized_linears(model).values()):
         warnings.warn(
@@ -219,6 +242,39 @@ def _warn_if_inexact(model: nn.Module, dtype: torch.dtype) -> None:
             "(lowbit.quantize(lowbit.load(MODEL, dtype='float32'), ...)) exports exactly",
             stacklevel=3,
         )
+
+
+def write_shards(groups: Iterator[dict[str, torch.Tensor]], directory: Path, max_shard_bytes: int) -> None:
+    """Write tensor groups as they come, a shard file as soon as the next group would overflow it;
+    one file is ``model.safetensors``, more are numbered with an index, as mlx-lm writes them.
+
+    Not ``repack.ShardWriter``: MLX's packed weights are uint32, which that writer's dtype table
+    does not hold; safetensors' ``save_file`` does. A shard's converted tensors are mostly views
+    of lowbit's parts (only scales and biases are new), so holding one shard costs little.
+    """
+    shards: list[dict[str, torch.Tensor]] = []
+    pending: dict[str, torch.Tensor] = {}
+    size = 0
+    for group in groups:
+        nbytes = sum(t.numel() * t.element_size() for t in group.values())
+        if pending and size + nbytes > max_shard_bytes:
+            save_file(pending, directory / f".shard-{len(shards)}", metadata={"format": "mlx"})
+            shards.append(dict.fromkeys(pending))
+            pending, size = {}, 0
+        pending.update({name: tensor.contiguous() for name, tensor in group.items()})
+        size += nbytes
+    save_file(pending, directory / f".shard-{len(shards)}", metadata={"format": "mlx"})
+    shards.append(dict.fromkeys(pending))
+    if len(shards) == 1:
+        (directory / ".shard-0").rename(directory / "model.safetensors")
+        return
+    weight_map = {}
+    for number, names in enumerate(shards):
+        final = f"model-{number + 1:05d}-of-{len(shards):05d}.safetensors"
+        (directory / f".shard-{number}").rename(directory / final)
+        weight_map.update(dict.fromkeys(names, final))
+    total = sum((directory / name).stat().st_size for name in set(weight_map.values()))
+    (directory / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
 
 
 def estimated_bytes(model: nn.Module) -> int:
@@ -248,11 +304,8 @@ def save_mlx(
     inputs = [getattr(model, "lowbit_source", None)]
     with atomic_directory(path, overwrite, inputs=inputs, needed_bytes=estimated_bytes(model)) as temporary:
         config = mlx_config(model, dtype)
-        shards = ShardWriter(temporary, max_shard_bytes)
-        for tensors in mlx_tensors(model, dtype):
-            for name, tensor in tensors.items():
-                shards.add(name, tensor)
-        shards.finish()
+        _warn_if_unslid(config)
+        write_shards(mlx_tensors(model, dtype), temporary, max_shard_bytes)
         (temporary / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(temporary)
