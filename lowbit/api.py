@@ -196,6 +196,7 @@ def quantize(
     keep_dtype: str | torch.dtype | None = None,
     allow_nonfinite: bool = False,
     progress: bool = True,
+    imatrix: str | os.PathLike | None = None,
 ) -> nn.Module:
     """Quantize a model's linear layers as ``scheme`` says and return the transformers model.
 
@@ -213,19 +214,55 @@ def quantize(
     layer is worked on (default: CUDA when available, else CPU). ``keep_dtype``: the dtype the
     tensors that stay unquantized (embeddings, norms, a kept ``lm_head``) are stored in; default
     16 bits (:func:`kept_dtype`), ``"fp32"`` to store float32. The model computes in its own
-    dtype either way.
+    dtype either way. ``imatrix``: an importance matrix file (llama.cpp's GGUF or ``.dat``,
+    ``lowbit imatrix``) whose per-column importance weights the clipping search instead of
+    calibration statistics (no calibration text is then needed).
     """
     plan = resolve_scheme(scheme, method)
     keep = _parse_keep_dtype(keep_dtype)
     resolve_device(device)  # refuse a device the machine lacks before loading anything
+    matrix = None
+    if imatrix is not None:
+        from lowbit.imatrix_file import read_imatrix
+
+        matrix = read_imatrix(imatrix)  # before any model loads
     # a model given by path streams from disk: the pipeline reads one layer's weights at a time
     model, tokenizer = _model_and_tokenizer(model, tokenizer, lazy=True)
+    importance = None if matrix is None else _importance_lookup(model, plan, matrix, imatrix)
     _check_calibration(model, plan, calibration, calibration_samples, calibration_length)
-    tokens = _calibration_for([plan], tokenizer, calibration, calibration_samples, calibration_length)
+    if matrix is not None and calibration is None:
+        tokens = None  # the importance matrix stands in for calibration statistics
+    else:
+        tokens = _calibration_for([plan], tokenizer, calibration, calibration_samples, calibration_length)
     return quantize_model(
         model, plan, calibration=tokens, device=device, progress=progress, allow_nonfinite=allow_nonfinite, source=getattr(model, "lowbit_source", None),
-        keep_dtype=kept_dtype(model, keep),
+        keep_dtype=kept_dtype(model, keep), importance=importance,
     )  # fmt: skip
+
+
+def _importance_lookup(model: nn.Module, plan: Plan, matrix, path):
+    """Importance by linear name, from an imatrix's entries under llama.cpp's names; refuses a
+    matrix made for another model (no linear found in it, or another width)."""
+    from lowbit.arch import decoder_layers
+    from lowbit.gguf_names import tensor_names
+    from lowbit.nn import is_linear, linear_shape
+
+    if not plan_uses_statistics(plan):
+        warnings.warn(f"the importance matrix weights the clipping search (+clip); plan {plan.name!r} has none, so {path} is not used", stacklevel=3)
+        return None
+    names = tensor_names(model.config.model_type, len(decoder_layers(model)[1]))
+    found = {}
+    for name, module in model.named_modules():
+        entry = names.get(name) if is_linear(module) else None
+        values = None if entry is None else matrix.importance(entry)
+        if values is None:
+            continue
+        if values.dim() != 1 or values.numel() != linear_shape(module)[1]:
+            raise LowbitError(f"{path}: {entry} has importance for {values.shape[-1]} input columns, {name} has {linear_shape(module)[1]}; it was made for another model")
+        found[name] = values
+    if not found:
+        raise LowbitError(f"{path} names none of this model's linears (as llama.cpp names them, e.g. blk.0.attn_q.weight); it was made for another model")
+    return found.get
 
 
 def save(model: nn.Module, path: str | os.PathLike, *, tokenizer=None, overwrite: bool = False) -> Path:
@@ -250,12 +287,13 @@ def export(
     overwrite: bool = False,
     allow_nonfinite: bool = False,
     progress: bool = True,
+    imatrix: str | os.PathLike | None = None,
 ) -> dict:
     """Write ``model`` to ``path`` in the layout of target ``to`` (``lowbit.export.exporter_names()``).
 
     A model lowbit has already quantized (in memory, or a lowbit checkpoint path) is written
     as it is. Any other model is quantized first with ``scheme`` (default ``int4-g128``),
-    ``method``, ``keep_dtype`` and the calibration options of :func:`quantize`. The output is checked before any work, and
+    ``method``, ``keep_dtype``, ``imatrix`` and the calibration options of :func:`quantize`. The output is checked before any work, and
     written under a temporary name renamed into place. Returns a summary: ``path``,
     ``target``, ``quantized_now``, ``plan``, ``modules`` (quantized linears), ``quantization_seconds`` and the
     weight bytes and bits per weight before and after.
@@ -280,7 +318,7 @@ def export(
         quantize(
             model, plan or resolve_scheme(DEFAULT_SCHEME), calibration=calibration, calibration_samples=calibration_samples,
             calibration_length=calibration_length, tokenizer=tokenizer, device=device, allow_nonfinite=allow_nonfinite, keep_dtype=keep_dtype,
-            progress=progress,
+            progress=progress, imatrix=imatrix,
         )  # fmt: skip
     elif plan is not None:
         raise LowbitError(

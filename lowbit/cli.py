@@ -70,7 +70,7 @@ def cmd_quantize(args) -> None:
     summary = lowbit.export(
         args.model, args.output, to="native", scheme=args.scheme, method=args.method, device=args.device, overwrite=args.overwrite,
         keep_dtype=args.keep_dtype, allow_nonfinite=args.allow_nonfinite,
-        **_calibration_options(args),
+        imatrix=args.imatrix, **_calibration_options(args),
     )  # fmt: skip
     _print_export(summary)
 
@@ -294,6 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("quantize", help="quantize a model and save a native checkpoint (= export --to native)")
     p.add_argument("model", help=model_help)
     _add_quantize_options(p)
+    p.add_argument("--imatrix", help="an importance matrix (llama.cpp's .gguf or .dat, lowbit imatrix) weighting the clipping search (+clip) instead of calibration text")
     p.set_defaults(run=cmd_quantize)
 
     p = sub.add_parser("export", help="write a model in a runtime's layout, quantizing it first if it is not yet")

@@ -154,7 +154,9 @@ class LayerBlock:
         state: Calibration | None,
         norm_offset: float = 0.0,
         activations: dict[str, str] | None = None,
+        importance: Callable[[str], torch.Tensor | None] | None = None,
     ) -> None:
+        self._importance = importance
         self.index = index
         self.layer = layer
         self.device = device
@@ -187,6 +189,9 @@ class LayerBlock:
                     continue
                 outputs.append(_layer_output(output).to(h.device))
         return outputs
+
+    def importance(self, name: str) -> torch.Tensor | None:
+        return None if self._importance is None else self._importance(name)
 
     def run(self) -> list[torch.Tensor]:
         return self._forward()
@@ -240,10 +245,17 @@ class _OutsideBlock:
     hidden = None
     groups: tuple[InputGroup, ...] = ()
 
-    def __init__(self, model: nn.Module, device: torch.device, activations: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, model: nn.Module, device: torch.device, activations: dict[str, str] | None = None,
+        importance: Callable[[str], torch.Tensor | None] | None = None,
+    ) -> None:  # fmt: skip
         self.model = model
         self.device = device
         self.activations = activations or {}
+        self._importance = importance
+
+    def importance(self, name: str) -> torch.Tensor | None:
+        return None if self._importance is None else self._importance(name)
 
     def weight(self, name: str) -> torch.Tensor:
         return dense_weight(self.model.get_submodule(name)).to(self.device)
@@ -378,6 +390,7 @@ def quantize_model(
     allow_nonfinite: bool = False,
     keep_dtype: torch.dtype | None = None,
     round_kept: bool = True,
+    importance: Callable[[str], torch.Tensor | None] | None = None,
 ) -> nn.Module:
     """Quantize ``model``'s linears in place, layer by layer, as ``plan`` says; return the model.
 
@@ -385,6 +398,9 @@ def quantize_model(
     that take statistics. ``device`` is where each layer is worked on (default: CUDA when
     available, else CPU); the model stays where it is. A model loaded lazily
     (``model.lowbit_weights``) has each layer's weights read from disk just before its turn.
+    ``importance``: the per-input-column importance of a linear, by its full name (an
+    importance matrix read from a file, ``lowbit imatrix``), or None; algorithms that weight
+    columns (RTN's clip search) use it instead of collecting statistics.
     Every weight is checked before it is quantized: NaN or inf is an error naming the tensor,
     unless ``allow_nonfinite``, which replaces them with zeros (and warns).
     ``keep_dtype``: when given, the dtype the tensors that stay unquantized (embeddings, norms,
@@ -423,7 +439,8 @@ def quantize_model(
         home = next(layer.parameters()).device
         layer.to(device)
         groups = input_groups_of(model, layer)
-        block = LayerBlock(index, layer, device, groups, state, norm_offset_of(model), activations_of(targets, prefix))
+        given = None if importance is None else (lambda local, prefix=prefix: importance(prefix + local))
+        block = LayerBlock(index, layer, device, groups, state, norm_offset_of(model), activations_of(targets, prefix), given)
         done.update(_quantize(model, block, prefix, targets))
         if state is not None and index + 1 < len(layers):
             state.hidden = block.run()
@@ -438,7 +455,7 @@ def quantize_model(
         if calibrate and rule.config.statistics():
             warnings.warn(f"{name} is outside the decoder layers: it is quantized without calibration statistics", stacklevel=2)
     if outside:
-        done.update(_quantize(model, _OutsideBlock(model, device, activations_of(outside, "")), "", outside))
+        done.update(_quantize(model, _OutsideBlock(model, device, activations_of(outside, ""), importance), "", outside))
         home = model.get_input_embeddings().weight.device
         for name in outside:
             model.get_submodule(name).to(home)

@@ -446,3 +446,47 @@ def test_ours_matches_llama_imatrix(smollm_imatrices):
         x, y = a.importance(name).double(), b.importance(name).double()
         assert torch.corrcoef(torch.stack([x, y]))[0, 1] > 0.99999, name
         assert (x - y).norm() / y.norm() < 1e-3, name
+
+
+# -- weighted RTN: --imatrix --------------------------------------------------------------------------
+
+
+def test_rtn_clip_search_is_weighted_by_the_imatrix(tmp_path):
+    from lowbit.algorithms.rtn import RTNConfig, quantize_rtn
+    from lowbit.formats import get_format
+    from lowbit.nn import QuantLinear
+
+    reference = tiny_model("qwen2")
+    matrix = collect_importance(tiny_model("qwen2"), tiny_tokens(3, 20), progress=False)
+    path = write_imatrix(matrix, tmp_path / "m.gguf")
+    model = lowbit.quantize(tiny_model("qwen2"), "int4-g32+clip", imatrix=path, progress=False)
+    names = tensor_names("qwen2", 2)
+    fmt, config = get_format("int4-g32"), RTNConfig(clip_search=True)
+    weighted_differs = 0
+    for name, module in model.named_modules():
+        if not isinstance(module, QuantLinear) or name == "lm_head":
+            continue
+        weight = reference.get_submodule(name).weight.data
+        expected = quantize_rtn(weight, fmt, config, read_imatrix(path).importance(names[name]))
+        assert torch.equal(module.dequantize_weight(torch.float32), expected.dequantize()), name
+        weighted_differs += not torch.equal(expected.dequantize(), quantize_rtn(weight, fmt, config).dequantize())
+    assert weighted_differs > 0  # the importance changed some choice
+    assert model.lowbit_manifest["calibration"] is None  # no calibration text was drawn
+
+
+def test_imatrix_of_another_model_or_an_unused_one(tmp_path):
+    path = write_imatrix(collect_importance(tiny_model("llama", hidden_size=64, head_dim=16), tiny_tokens(2, 16), progress=False), tmp_path / "other.gguf")
+    with pytest.raises(LowbitError, match="has importance for 64 input columns.*made for another model"):
+        lowbit.quantize(tiny_model("llama"), "int4-g32+clip", imatrix=path, progress=False)
+    with pytest.warns(UserWarning, match="has none, so .* is not used"):
+        lowbit.quantize(tiny_model("llama", hidden_size=64, head_dim=16), "int4-g32", imatrix=path, progress=False)
+
+
+def test_cli_quantize_with_imatrix(tiny_model_dir, eval_text_file, tmp_path, capsys):
+    from lowbit.cli import main
+
+    imatrix = tmp_path / "m.gguf"
+    lowbit.imatrix(tiny_model_dir, eval_text_file, imatrix, calibration_samples=2, calibration_length=24, progress=False)
+    assert main(["quantize", str(tiny_model_dir), "-s", "int4-g32+clip", "--imatrix", str(imatrix), "-o", str(tmp_path / "out")]) == 0
+    assert main(["quantize", str(tiny_model_dir), "-s", "int4-g32+clip", "--imatrix", str(tmp_path / "no.gguf"), "-o", str(tmp_path / "o2")]) == 2
+    assert "no such importance matrix file" in capsys.readouterr().err

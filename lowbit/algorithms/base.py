@@ -55,6 +55,10 @@ class Block(Protocol):
     def weight(self, name: str) -> torch.Tensor:
         """The dense ``(out_features, in_features)`` weight of linear ``name`` (local to the layer)."""
 
+    def importance(self, name: str) -> torch.Tensor | None:
+        """Per-input-column importance of linear ``name`` given with the model (an importance
+        matrix file, ``lowbit imatrix``), or None. Optional: handlers ask with ``getattr``."""
+
     def run(self) -> list[torch.Tensor]:
         """Run the layer on every calibration batch; the hidden states it outputs."""
 

@@ -92,9 +92,11 @@ def quantize_rtn(
 
 @register(RTNConfig)
 def quantize_block(config: RTNConfig, block: Block, targets: dict[str, Format]) -> dict[str, QTensor]:
-    """RTN on every target linear of a block, with calibration statistics when there are any."""
-    statistics = block.collect(config.statistics(), list(targets)) if config.statistics() and block.hidden else {}
-    return {
-        name: quantize_rtn(block.weight(name), fmt, config, statistics[name].mean_square if name in statistics else None)
-        for name, fmt in targets.items()
-    }
+    """RTN on every target linear of a block; the clip search weights columns by the importance
+    given with the model (an imatrix) where there is one, else by calibration statistics."""
+    given_by = getattr(block, "importance", None)  # optional: a Block may offer none
+    given = {name: given_by(name) for name in targets} if config.statistics() and given_by else {}
+    wanted = [name for name in targets if given.get(name) is None]
+    statistics = block.collect(config.statistics(), wanted) if config.statistics() and block.hidden and wanted else {}
+    importance = {name: statistics[name].mean_square for name in statistics} | {n: v for n, v in given.items() if v is not None}
+    return {name: quantize_rtn(block.weight(name), fmt, config, importance.get(name)) for name, fmt in targets.items()}
