@@ -294,6 +294,15 @@ class CompressedTensorsReader(Reader):
 READERS = {"gptq": GPTQReader, "awq": AWQReader, "compressed-tensors": CompressedTensorsReader}
 
 
+def _reader(method: str, config: dict, path: Path) -> Reader:
+    """The reader of ``method`` for this config; a config it cannot read is refused saying whose it is."""
+    try:
+        return READERS[method](config, path)
+    except LowbitError as error:
+        reason = str(error).removeprefix(f"{path}: ")
+        raise LowbitError(f"{path} is quantized by another tool (quant_method {method!r}) in a form lowbit cannot read: {reason}") from None
+
+
 def _check_module(path: Path, reader: Reader, name: str, shape: tuple[int, int], stored: StoredTensors) -> tuple[Layout, dict[str, str]]:
     layout = reader.layout(name, shape)
     keys, found = {}, {}
@@ -332,7 +341,7 @@ def load_foreign(path: str | os.PathLike) -> tuple[nn.Module, object]:
     method = quantization.get("quant_method") if isinstance(quantization, dict) else None
     if method not in READERS:
         raise LowbitError(f"{path} is not a GPTQ, AWQ or compressed-tensors checkpoint")
-    reader = READERS[method](quantization, path)
+    reader = _reader(method, quantization, path)
     stored = StoredTensors(path)
     model = empty_model(load_config(config_dict))
     model.tie_weights()
@@ -348,7 +357,7 @@ def load_foreign(path: str | os.PathLike) -> tuple[nn.Module, object]:
             raise LowbitError(f"{path}: {key} belongs to {name}, which is not a linear layer of this model") from None
         planned[name] = _check_module(path, reader, name, shape, stored)
     if not planned:
-        raise LowbitError(f"{path}: its config says {method}, but it holds no {reader.suffix} tensors")
+        raise LowbitError(f"{path} is quantized by another tool (quant_method {method!r}), but holds no {reader.suffix} tensors")
 
     owner = {key: name for name, (_, keys) in planned.items() for key in keys.values()}
     biases = {f"{name}.bias": name for name in planned if getattr(model.get_submodule(name), "bias", None) is not None}
@@ -408,7 +417,7 @@ def inspect_foreign(path: str | os.PathLike) -> dict:
     method = quantization.get("quant_method")
     if method not in READERS:
         raise LowbitError(f"{path} is not a GPTQ, AWQ or compressed-tensors checkpoint")
-    reader = READERS[method](quantization, path)
+    reader = _reader(method, quantization, path)
     stored = StoredTensors(path)
     model = empty_model(load_config({k: v for k, v in config_dict.items() if k not in ("quantization_config", "lowbit_export")}))
     tensors, owned = [], set()
