@@ -29,8 +29,8 @@ from tiny_models import tiny_model
 import lowbit
 from lowbit.errors import LowbitError
 from lowbit.export import mlx as mlx_export
-from lowbit.lazy import INDEX_FILE
 from lowbit.formats import get_format
+from lowbit.lazy import INDEX_FILE
 from lowbit.plan import Plan, make_rule
 
 mx = pytest.importorskip("mlx.core", reason="mlx is not installed: pip install 'mlx-lm[cpu]' (the test extra)")
@@ -38,7 +38,7 @@ mlx_lm = pytest.importorskip("mlx_lm", reason="mlx-lm is not installed: pip inst
 mlx_nn = pytest.importorskip("mlx.nn")
 
 #: hidden and intermediate sizes every MLX group size divides but 128 (the down projection's 320)
-SHAPES = dict(hidden_size=128, intermediate_size=320, head_dim=32)
+SHAPES = {"hidden_size": 128, "intermediate_size": 320, "head_dim": 32}
 PROMPT = torch.randint(0, 256, (20,), generator=torch.Generator().manual_seed(3)).tolist()
 NEW_TOKENS = 12
 MX_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -190,7 +190,6 @@ def test_a_bfloat16_model_warns_and_stays_close(tmp_path):
         out, loaded, _ = export_and_load(model, tmp_path)
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
     with torch.no_grad():
-        expected = model(torch.tensor([PROMPT])).logits[0].float().numpy()
         exact = model.float()(torch.tensor([PROMPT])).logits[0].numpy()  # the same weights, computed in float32
     got = to_numpy(loaded(mx.array([PROMPT]))[0])
     # measured: MLX 0.074 from float32, lowbit's own bfloat16 run 0.016 (a dense bf16 layer in MLX: 0.015):
@@ -284,7 +283,7 @@ def test_cli_exports_to_mlx(tmp_path, capsys):
     make_byte_tokenizer().save_pretrained(source)
     command = ["export", str(source), "--to", "mlx", "--scheme"]
     assert main([*command, "int4-g64", "-o", str(tmp_path / "out")]) == 0
-    loaded, tokenizer = mlx_lm.load(str(tmp_path / "out"))
+    _, tokenizer = mlx_lm.load(str(tmp_path / "out"))
     assert tokenizer.decode(tokenizer.encode("a river")) == "a river"
     capsys.readouterr()
     assert main([*command, "int4-g128", "-o", str(tmp_path / "other")]) == 2
