@@ -13,9 +13,11 @@ lose their resolution. Dividing input channel ``j`` by
 (``max|W_:,j|`` over every linear that reads the input) and multiplying the weights' column
 ``j`` by it balances the two ranges; ``α`` (default 0.5) says how much of the difficulty moves
 to the weights. The division is folded into the norm before the group (``lowbit.folding``),
-so the float model computes the same function. Only groups after a norm are smoothed, as in
-the paper (q/k/v, gate/up): their inputs have the outliers; ``o_proj`` and ``down_proj`` are
-quantized as they are.
+so the float model computes the same function. By default only groups after a norm are
+smoothed, as in the paper (q/k/v, gate/up). ``smooth_linears`` also smooths the groups after
+a linear where the fold exists (``down_proj``'s input, the product of gate and up, divided
+through ``up_proj``'s rows; ``o_proj``'s through ``v_proj``'s without grouped-query
+attention): in Llama-style models that input carries the largest outliers of all.
 
 Then every weight is rounded to nearest in its format (INT8 per channel for ``w8a8``, FP8
 E4M3 per channel for ``w8a8-fp8``), and the rule's activation quantizer (dynamic per token)
@@ -44,15 +46,17 @@ MIN_SCALE = 1e-5
 @dataclass(frozen=True)
 class SmoothQuantConfig(AlgorithmConfig):
     """SmoothQuant's migration strength ``alpha`` in (0, 1]: the share of the activations'
-    range moved into the weights."""
+    range moved into the weights; ``smooth_linears``: smooth the inputs that come from a linear too."""
 
     method = "smoothquant"
     folds_scales = True
     weight_only = False
     alpha: float = 0.5
+    smooth_linears: bool = False
 
     def __post_init__(self) -> None:
         self.require_fraction("alpha", " (how much of the activations' range moves to the weights)")
+        self.require_flag("smooth_linears")
 
     def statistics(self) -> frozenset[str]:
         return frozenset({INPUT_ABSMAX})
@@ -70,14 +74,17 @@ def smoothing_scale(activation_absmax: torch.Tensor, weights: list[torch.Tensor]
 
 @register(SmoothQuantConfig)
 def quantize_block(config: SmoothQuantConfig, block: Block, targets: dict[str, Format]) -> dict[str, QTensor]:
-    """Smooth every group of the block whose input comes from a norm, then round every target."""
+    """Smooth every group of the block whose input comes from a norm (or from a linear, with
+    ``smooth_linears``), from statistics of the float layer, then round every target."""
     if block.hidden is None and block.index >= 0:
         raise LowbitError("smoothquant needs calibration text: pass --calibration FILE")
     if block.hidden is not None:
         smoothed = [
             group
             for group in block.groups
-            if group.previous_kind == "norm" and any(n in targets for n in group.linears) and block.fold_problem(group) is None
+            if (group.previous_kind == "norm" or config.smooth_linears)
+            and any(n in targets for n in group.linears)
+            and block.fold_problem(group) is None
         ]
         names = [name for group in smoothed for name in group.linears]
         statistics = block.collect(config.statistics(), names) if names else {}
