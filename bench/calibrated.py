@@ -36,6 +36,7 @@ from peers import ensure_venv
 from safetensors.torch import save_file
 
 import lowbit
+from lowbit.algorithms import SmoothQuantConfig
 from lowbit.api import calibration_tokens, evaluation_windows
 from lowbit.eval import evaluate_windows, reference_log_probs
 from lowbit.plan import Plan, make_rule, resolve_scheme
@@ -55,8 +56,10 @@ ROWS = {
     "AWQ int4-g128": lambda: awq("int4-g128"),
     "W8A8 RTN": lambda: resolve_scheme("w8a8"),
     "W8A8 SmoothQuant": lambda: resolve_scheme("w8a8", "smoothquant"),
+    "W8A8 SmoothQuant smooth_linears": lambda: resolve_scheme("w8a8", SmoothQuantConfig(smooth_linears=True)),
     "W8A8-FP8 RTN": lambda: resolve_scheme("w8a8-fp8"),
     "W8A8-FP8 SmoothQuant": lambda: resolve_scheme("w8a8-fp8", "smoothquant"),
+    "W8A8-FP8 SmoothQuant smooth_linears": lambda: resolve_scheme("w8a8-fp8", SmoothQuantConfig(smooth_linears=True)),
     "RTN int4-g64+clip": lambda: resolve_scheme("int4-g64+clip"),
     "AWQ int4-g64": lambda: awq("int4-g64"),
     "llm-compressor AWQ W4A16_ASYM g64": None,
