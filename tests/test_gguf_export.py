@@ -325,3 +325,14 @@ def test_gptq_over_k_quant_blocks_beats_llama_cpp_rounding(tmp_path, eval_text_f
             loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
             errors[method] = (loaded(tokens).logits - want).pow(2).mean().item()
     assert errors["gptq"] < errors["rtn"], errors
+
+
+def test_lowbit_export_to_gguf_takes_the_type_as_scheme(tmp_path, exported):
+    import lowbit
+
+    _, directory, _, _ = exported("qwen2", "F16")
+    summary = lowbit.export(directory, tmp_path / "m.gguf", to="gguf", scheme="Q5_0", progress=False)
+    reader = gguf.GGUFReader(tmp_path / "m.gguf")
+    assert summary["type"] == "Q5_0" and field(reader, "general.file_type") == int(gguf.LlamaFileType.MOSTLY_Q5_0)
+    with pytest.raises(LowbitError, match="imatrix file serves rtn only"):
+        lowbit.export_gguf(directory, tmp_path / "g.gguf", "Q4_K_M", method="gptq", imatrix_file=tmp_path / "x")
