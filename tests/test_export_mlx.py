@@ -17,7 +17,9 @@ consumer tests skip, saying why.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -207,6 +209,15 @@ def test_sliding_windows_mlx_lm_ignores_are_warned_about(tmp_path):
     got = to_numpy(loaded(mx.array([PROMPT]))[0])
     np.testing.assert_allclose(got[:16], expected[:16], atol=1e-4, rtol=0)
     assert np.abs(got[16:] - expected[16:]).max() > 0.01  # if mlx-lm learns sliding windows, drop the warning
+
+
+def test_the_writer_needs_no_mlx(tmp_path, monkeypatch):
+    for name in ("mlx", "mlx.core", "mlx.nn", "mlx_lm"):
+        monkeypatch.setitem(sys.modules, name, None)  # any import of them now fails
+    importlib.reload(mlx_export)  # its imports run again
+    model = lowbit.quantize(tiny_model("llama", **SHAPES), "int4-g64", progress=False)
+    mlx_export.save_mlx(model, tmp_path / "out", make_byte_tokenizer())
+    assert (tmp_path / "out" / "model.safetensors").is_file()
 
 
 def test_transformers_5_rope_parameters_reach_mlx_lm():
