@@ -336,3 +336,23 @@ def test_lowbit_export_to_gguf_takes_the_type_as_scheme(tmp_path, exported):
     assert summary["type"] == "Q5_0" and field(reader, "general.file_type") == int(gguf.LlamaFileType.MOSTLY_Q5_0)
     with pytest.raises(LowbitError, match="imatrix file serves rtn only"):
         lowbit.export_gguf(directory, tmp_path / "g.gguf", "Q4_K_M", method="gptq", imatrix_file=tmp_path / "x")
+
+
+def test_linears_lowbit_quantized_to_gguf_formats_are_copied(tmp_path):
+    """A model quantized by lowbit's pipeline to ``gguf-*`` formats is written with its blocks as
+    they are (the registered exporter); a format GGUF cannot hold is refused, naming why."""
+    import lowbit
+    from lowbit.export import export_model
+    from lowbit.nn import quantized_linears
+
+    model = lowbit.quantize(tiny_model("llama", **K_SHAPE), "gguf-q4_k", progress=False)
+    export_model(model, tmp_path / "m.gguf", "gguf")
+    tensors = {t.name: t for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors}
+    q = quantized_linears(model)["model.layers.1.mlp.down_proj"]
+    assert tensors["blk.1.ffn_down.weight"].tensor_type.name == "Q4_K"
+    assert bytes(tensors["blk.1.ffn_down.weight"].data) == q.weight_blocks.numpy().tobytes()
+    k = quantized_linears(model)["model.layers.0.self_attn.k_proj"].weight_blocks
+    assert bytes(tensors["blk.0.attn_k.weight"].data) == permute_rows(k, 2).numpy().tobytes()  # llama's row order
+    assert tensors["token_embd.weight"].tensor_type.name == "F16"
+    with pytest.raises(LowbitError, match="gguf cannot carry int4-g128.*llama.cpp's block types"):
+        export_model(lowbit.quantize(tiny_model("llama"), "int4-g128", progress=False), tmp_path / "x.gguf", "gguf")
