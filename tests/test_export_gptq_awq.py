@@ -184,6 +184,21 @@ def test_existing_output_and_interrupted_export_leave_nothing_changed(tmp_path, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no output, no partial directory
 
 
+@pytest.mark.parametrize("target", ["gptq", "awq", "compressed-tensors"])
+def test_overwrite_replaces_our_own_export_but_not_a_foreign_directory(tmp_path, target):
+    model = quantized("int4-sym-g32")
+    out = tmp_path / "out"
+    export(model, out, target)
+    lowbit.export(model, out, to=target, overwrite=True, progress=False)  # our own output: replaced
+    assert (out / "config.json").is_file()
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(LowbitError):
+        lowbit.export(model, foreign, to=target, overwrite=True, progress=False)
+    assert sorted(p.name for p in foreign.iterdir()) == ["config.json"]
+
+
 def test_a_sharded_export_streams_and_reads_back(tmp_path, monkeypatch):
     """Shards written tensor by tensor (export/repack.py's own safetensors writer) are read by
     safetensors itself, and the index names every tensor's file."""

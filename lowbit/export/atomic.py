@@ -36,12 +36,18 @@ SPACE_MARGIN_BYTES = 64 * 2**20
 
 
 def is_lowbit_output(path: Path) -> bool:
-    """Whether ``path`` is a directory lowbit wrote: its config.json holds a lowbit manifest."""
+    """Whether ``path`` is a directory lowbit wrote: its config.json holds a lowbit manifest
+    (native checkpoints) or the ``lowbit_export`` record every other exporter adds."""
     try:
         config = json.loads((path / "config.json").read_text())
-        return config["quantization_config"]["quant_method"] == "lowbit"
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError):
         return False
+    if not isinstance(config, dict):
+        return False
+    if isinstance(config.get("lowbit_export"), dict):
+        return True
+    quantization = config.get("quantization_config")
+    return isinstance(quantization, dict) and quantization.get("quant_method") == "lowbit"
 
 
 def _existing_ancestor(path: Path) -> Path:
