@@ -1,0 +1,65 @@
+"""GPTQ's Triton column loop (``lowbit.algorithms.gptq_cuda``) against the torch loop, on a GPU.
+
+Where both loops cut the columns into the same lazy blocks (groups at least as wide as a
+block, static groups, per channel, per tensor), the kernel must give the torch loop's codes
+and rounded weights bit for bit on the same GPU; with dynamic groups narrower than a block
+the kernel steps one group per call, so only float ties may differ. Skipped without CUDA
+(CI has none): run on a GPU machine with ``python -m pytest tests/test_gptq_gpu.py``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lowbit.algorithms import gptq
+from lowbit.algorithms.gptq import GPTQConfig, gptq_quantize, on_kernel
+from lowbit.formats import get_format
+from test_gptq import correlated_inputs, hessian_of, random_weight
+
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+SAME_BLOCKS = [
+    ("int4-g128", GPTQConfig()),
+    ("int4-g128", GPTQConfig(act_order=True)),
+    ("int4-g32", GPTQConfig(static_groups=True, block_size=48)),
+    ("int3-sym-g64", GPTQConfig(clip_search=True, block_size=64)),
+    ("int4", GPTQConfig(block_size=100)),
+    ("int2-g256", GPTQConfig(block_size=64)),
+    ("int4-tensor", GPTQConfig()),
+]
+
+
+def both_loops(name, config, shape, seed, monkeypatch):
+    w = random_weight(shape, seed).cuda()
+    h = hessian_of(correlated_inputs(4 * shape[1], shape[1], seed + 1, dead=(3,))).cuda()
+    fmt = get_format(name)
+    assert on_kernel(fmt, w, config)
+    fast = gptq_quantize(w, h, fmt, config)
+    monkeypatch.setattr(gptq, "on_kernel", lambda *args: False)
+    slow = gptq_quantize(w, h, fmt, config)
+    return fast, slow
+
+
+@pytest.mark.parametrize("name,config", SAME_BLOCKS, ids=[f"{n}-{i}" for i, (n, _) in enumerate(SAME_BLOCKS)])
+def test_kernel_is_the_torch_loop_bit_for_bit(name, config, monkeypatch):
+    (fast, fast_rounded), (slow, slow_rounded) = both_loops(name, config, (77, 515), 5, monkeypatch)
+    for part in slow.parts:
+        assert torch.equal(fast.parts[part], slow.parts[part]), part
+    assert torch.equal(fast_rounded, slow_rounded)
+    assert torch.equal(fast.dequantize(), fast_rounded)
+
+
+def test_narrow_dynamic_groups_differ_only_by_ties(monkeypatch):
+    (fast, fast_rounded), (slow, _) = both_loops("int4-g32", GPTQConfig(), (64, 300), 9, monkeypatch)
+    assert torch.equal(fast.dequantize(), fast_rounded)
+    differ = (fast.parts["packed"] != slow.parts["packed"]).any(1).sum()
+    assert differ <= 3
+
+
+def test_formats_off_the_integer_grid_keep_the_torch_loop():
+    w = torch.zeros(4, 8, device="cuda")
+    assert not on_kernel(get_format("nf4"), w, GPTQConfig())
+    assert not on_kernel(get_format("int4-g128"), w.cpu(), GPTQConfig())
+    assert not on_kernel(get_format("int4-g128"), w, GPTQConfig(block_size=256))
+    assert not on_kernel(get_format("int8"), w, GPTQConfig())  # its kernel codes differed on an H100
