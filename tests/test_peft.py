@@ -67,3 +67,34 @@ def test_unsupported_lora_options_are_refused(tiny_model_dir):
     model = lowbit.quantize(str(tiny_model_dir), "int4-g32", progress=False)
     with pytest.raises(lowbit.LowbitError, match="DoRA"):
         _lora(model, use_dora=True)
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize("scheme", ["nf4-dq", "int4-g128"])
+def test_qlora_on_smollm2_reduces_the_loss_on_a_small_text(scheme):
+    """Issue 15's proof on the real model: SmolLM2-135M quantized while transformers loads it,
+    LoRA on every decoder linear, a few AdamW steps on lowbit's built-in sample text."""
+    from lowbit.gguf_cache import entry_directory
+    from lowbit.sources import builtin_sample_path, default_model_path
+
+    try:
+        lowbit.load("smollm2-135m")  # fills lowbit's cache of the float model
+    except lowbit.LowbitError as error:
+        pytest.skip(str(error))
+    directory = entry_directory(default_model_path())
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(directory, quantization_config=lowbit.LowbitConfig(scheme=scheme))
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(directory)(builtin_sample_path().read_text(), return_tensors="pt")["input_ids"][:, :256].reshape(2, 128)
+    model = _lora(prepare_model_for_kbit_training(model))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
+    model.train()
+    losses = []
+    for _ in range(4):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0], losses
