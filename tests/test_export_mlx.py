@@ -268,6 +268,18 @@ def test_an_existing_output_is_refused(tmp_path):
     assert [p.name for p in out.iterdir()] == ["mine.txt"]
 
 
+def test_overwrite_replaces_an_mlx_export(tmp_path):
+    out = tmp_path / "out"
+    first = lowbit.quantize(tiny_model("llama", **SHAPES), "int8-g32", progress=False)
+    mlx_export.save_mlx(first, out, make_byte_tokenizer())
+    second = lowbit.quantize(tiny_model("llama", **SHAPES), "int4-g64", progress=False)
+    with pytest.raises(LowbitError, match="already exists"):
+        mlx_export.save_mlx(second, out, make_byte_tokenizer())
+    mlx_export.save_mlx(second, out, make_byte_tokenizer(), overwrite=True)
+    assert json.loads((out / "config.json").read_text())["quantization"]["bits"] == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
 @pytest.mark.parametrize("error", [OSError("disk full"), KeyboardInterrupt()])
 def test_an_interrupted_export_leaves_nothing(tmp_path, monkeypatch, error):
     model = lowbit.quantize(tiny_model("llama", **SHAPES), "int4-g64", progress=False)
