@@ -26,9 +26,10 @@ rounds one column at a time with params chosen for the whole matrix).
 ``quantize_ggml`` / ``dequantize_ggml`` do the same for any 2-D tensor (embeddings) by ggml
 type name, for the GGUF writer and reader.
 
-Everything runs on the weight's device. The tests run on the CPU; on a GPU the arithmetic is
-the same IEEE float32 (one kernel per operation leaves no room for fused multiply-adds), but
-that is not yet checked against llama.cpp there.
+Everything runs on the weight's device. On a GPU the arithmetic is the same IEEE float32 (one
+kernel per operation leaves no room for fused multiply-adds; divisions by constants are
+tensor by tensor, ``gguf_numerics.quotient``): on an H100 every type writes the CPU's bytes,
+which are llama.cpp's (``tests/test_gguf_gpu.py``, run there).
 """
 
 from __future__ import annotations

@@ -44,6 +44,7 @@ from lowbit.formats.gguf_numerics import (
     nearest_int,
     nonzero,
     positive_max,
+    quotient,
     seq_sum,
     sqrtf,
     to_fp16,
@@ -124,7 +125,7 @@ def _sub(x: torch.Tensor, size: int) -> torch.Tensor:
 
 def _super_weights(x: torch.Tensor, importance: torch.Tensor, factor: int) -> torch.Tensor:
     """``qw * sqrtf(sigma2 + x*x)``, ``sigma2 = factor*sum_x2/QK_K`` over the super-block."""
-    sigma2 = f32(factor) * seq_sum(x * x) / f32(256)
+    sigma2 = quotient(f32(factor) * seq_sum(x * x), 256)
     return row_importance(importance, x.shape[0]) * sqrtf(sigma2.unsqueeze(-1) + x * x)
 
 
@@ -147,7 +148,7 @@ class ScaleMinK(BlockType):
         lead = x.shape[:-1]
         xs = _sub(x, 32)
         if importance is None:
-            av_x = sqrtf(seq_sum(xs * xs) / f32(32))
+            av_x = sqrtf(quotient(seq_sum(xs * xs), 32))
             weights = av_x.unsqueeze(-1) + xs.abs()
             scales, mins, search = make_qkx_quants(xs, weights, self.top, self.rmin, self.rdelta, self.nstep)
             scales, mins = scales.reshape(*lead, 8), mins.reshape(*lead, 8)
@@ -156,7 +157,7 @@ class ScaleMinK(BlockType):
             inv_min = torch.where(max_min > 0, f32(63) / nonzero(max_min), torch.zeros_like(max_min))
             ls = (nearest_int(inv_scale.unsqueeze(-1) * scales) & 0xFF).clamp(max=63)
             lm = (nearest_int(inv_min.unsqueeze(-1) * mins) & 0xFF).clamp(max=63)
-            d, dmin = to_fp16(max_scale / f32(63)), to_fp16(max_min / f32(63))
+            d, dmin = to_fp16(quotient(max_scale, 63)), to_fp16(quotient(max_min, 63))
         else:
             weights = _super_weights(x, importance, 2).reshape(-1, 32)
             scales, mins, search = make_qkx_quants(xs, weights, self.top, -0.9, 0.05, 36)
@@ -223,8 +224,8 @@ class Q2K(BlockType):
             lm = nearest_int((f32(15) / nonzero(max_min)).unsqueeze(-1) * mins)
             ls = torch.where((max_scale > 0).unsqueeze(-1), ls, 0)
             byte = torch.where((max_min > 0).unsqueeze(-1), (ls | (lm << 4)) & 0xFF, ls)
-            d = to_fp16(torch.where(max_scale > 0, max_scale / f32(15), torch.zeros_like(max_scale)))
-            dmin = to_fp16(torch.where(max_min > 0, max_min / f32(15), torch.zeros_like(max_min)))
+            d = to_fp16(torch.where(max_scale > 0, quotient(max_scale, 15), torch.zeros_like(max_scale)))
+            dmin = to_fp16(torch.where(max_min > 0, quotient(max_min, 15), torch.zeros_like(max_min)))
         else:
             weights = _super_weights(x, importance, 1).reshape(-1, 16)
             scales, mins, search = make_qkx_quants(xs, weights, 3, -0.9, 0.05, 36)

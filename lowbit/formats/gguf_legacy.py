@@ -42,6 +42,7 @@ from lowbit.formats.gguf_numerics import (
     make_qkx_quants,
     make_qx_quants,
     nearest_int,
+    quotient,
     round_away,
     seq_sum,
     sqrtf,
@@ -52,7 +53,7 @@ from lowbit.formats.gguf_numerics import (
 def _weights(x: torch.Tensor, importance: torch.Tensor) -> torch.Tensor:
     """``qw[j] * sqrtf(sigma2 + x*x)``, ``sigma2 = sum_x2 / n_per_row`` over the whole row."""
     rows = x.shape[0]
-    sigma2 = seq_sum(x.reshape(rows, -1) * x.reshape(rows, -1)) / f32(x.shape[1] * x.shape[2])
+    sigma2 = quotient(seq_sum(x.reshape(rows, -1) * x.reshape(rows, -1)), x.shape[1] * x.shape[2])
     return row_importance(importance, rows) * sqrtf(sigma2[:, None, None] + x * x)
 
 
@@ -78,17 +79,17 @@ class LegacyBlock(BlockType):
         if importance is not None and self.bits != 8:
             return self._quantize_weighted(x, _weights(x, importance))
         if self.bits == 8:
-            d = x.abs().amax(-1) / f32(127)
+            d = quotient(x.abs().amax(-1), 127)
             codes = float_to_int(round_away(x * inverse(d).unsqueeze(-1))) & 0xFF
             return {"d": to_fp16(d)}, codes.to(torch.uint8)
         if self.with_min:
             low, high = first_min_max(x)
-            d = (high - low) / f32(self.top)
+            d = quotient(high - low, self.top)
             level = float_to_int((x - low.unsqueeze(-1)) * inverse(d).unsqueeze(-1) + f32(0.5))
             codes = level & 0xFF if self.bits == 5 else as_int8(level).clamp(max=self.top) & 0xFF
             return {"d": to_fp16(d), "m": to_fp16(low)}, codes.to(torch.uint8)
         _, top = first_absmax(x)
-        d = top / f32(-self.offset)
+        d = quotient(top, -self.offset)
         level = float_to_int(x * inverse(d).unsqueeze(-1) + f32(self.offset + 0.5))
         return {"d": to_fp16(d)}, (as_int8(level).clamp(max=self.top) & 0xFF).to(torch.uint8)
 

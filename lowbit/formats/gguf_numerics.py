@@ -8,7 +8,8 @@ llama-cpp-python 0.3.36) with C's float semantics:
   (:func:`seq_sum`); torch's reductions add pairwise or in double and round differently;
 - products and quotients are taken in the C expression's order (``w*l*x`` is ``(w*l)*x``);
 - ``sqrtf`` is taken in float64 and rounded (:func:`sqrtf`), and a quotient is always
-  tensor by tensor (torch turns ``15 / t`` into a multiplication by ``1/t``);
+  tensor by tensor (torch turns ``15 / t`` into a multiplication by ``1/t``, and CUDA
+  ``t / 15`` too: :func:`quotient`);
 - ``nearest_int`` is the ``+ 12582912.f`` bit trick (:func:`nearest_int`), ``roundf`` rounds
   half away from zero (:func:`round_away`), casts to ``int8``/``uint8`` truncate and wrap;
 - "the first element whose ``|x|`` is largest" is a first-occurrence argmax, and a search
@@ -35,6 +36,13 @@ GROUP_MAX_EPS = 1e-15
 def f32(value: float) -> torch.Tensor:
     """A C ``float`` constant (``0.1f`` is not 0.1)."""
     return torch.tensor(value, dtype=torch.float32)
+
+
+def quotient(numerator: torch.Tensor, denominator: float) -> torch.Tensor:
+    """``numerator / (float)denominator`` as C divides, on every device: CUDA turns a division
+    by a CPU scalar (``f32(15)`` included) into a multiplication by its reciprocal, which
+    rounds differently, so the divisor is put on the numerator's device."""
+    return numerator / torch.tensor(denominator, dtype=torch.float32, device=numerator.device)
 
 
 def nonzero(d: torch.Tensor) -> torch.Tensor:
