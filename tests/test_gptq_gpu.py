@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_gptq import correlated_inputs, hessian_of, random_weight
 
 from lowbit.algorithms import gptq
 from lowbit.algorithms.gptq import GPTQConfig, gptq_quantize, on_kernel
 from lowbit.formats import get_format
-from test_gptq import correlated_inputs, hessian_of, random_weight
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -24,6 +24,8 @@ SAME_BLOCKS = [
     ("int4-g128", GPTQConfig(act_order=True)),
     ("int4-g32", GPTQConfig(static_groups=True, block_size=48)),
     ("int3-sym-g64", GPTQConfig(clip_search=True, block_size=64)),
+    ("int8", GPTQConfig()),
+    ("int8-asym-g64", GPTQConfig(block_size=64)),
     ("int4", GPTQConfig(block_size=100)),
     ("int2-g256", GPTQConfig(block_size=64)),
     ("int4-tensor", GPTQConfig()),
@@ -62,4 +64,3 @@ def test_formats_off_the_integer_grid_keep_the_torch_loop():
     assert not on_kernel(get_format("nf4"), w, GPTQConfig())
     assert not on_kernel(get_format("int4-g128"), w.cpu(), GPTQConfig())
     assert not on_kernel(get_format("int4-g128"), w, GPTQConfig(block_size=256))
-    assert not on_kernel(get_format("int8"), w, GPTQConfig())  # its kernel codes differed on an H100

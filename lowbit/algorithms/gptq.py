@@ -51,7 +51,7 @@ Speed: the Hessian of an input is prepared (dead channels, order, factor) once f
 weight that reads it, and weights sharing an input and a format (q/k/v, gate/up) go through
 one column loop as one matrix of stacked rows (:func:`gptq_quantize_stacked`): every row is
 rounded on its own, so each weight comes out exactly as alone, with about two thirds as many Python
-steps per layer. On a GPU, integer grids of 2 to 7 bits run each lazy block's column steps as
+steps per layer. On a GPU, integer grids run each lazy block's column steps as
 one Triton kernel (:mod:`lowbit.algorithms.gptq_cuda`; the torch loop's codes bit for bit).
 On an H100 (2026-11-25, ``bench/gptq_gpu.py``, Llama-3-8B-shaped, 128x2048 tokens, int4-g128)
 the column loops of a block take 0.27 s (8.2 s with the torch loop), a whole block 4.3 s, of
@@ -267,7 +267,9 @@ def gptq_quantize_stacked(
     if kernel:
         from lowbit.algorithms import gptq_cuda
 
-        upper = upper.contiguous()  # the factorisation may hand back column-major storage
+        # row-major for the kernel (the factorisation may hand back column-major storage); the
+        # feed-forward product keeps the factor as it is, so it rounds as the torch loop's does
+        kernel_upper = upper.contiguous()
     if kernel and dynamic:  # one group per kernel call: a group's params are chosen at its start
         block_size = min(block_size, groups.group_size)
     column_index = torch.arange(columns, device=w.device) if prepared.perm is None else prepared.perm
@@ -283,7 +285,7 @@ def gptq_quantize_stacked(
             else:
                 group = column_index[start:stop] // groups.group_size
             block_codes, block_rounded, errors = gptq_cuda.round_block(
-                block, rows_of_u[:, :width], params.scale, params.zero, group, fmt.symmetric, fmt.bits
+                block, kernel_upper[start:stop, start:stop], params.scale, params.zero, group, fmt.symmetric, fmt.bits
             )
             _feed_forward(w, errors, rows_of_u, start, stop, codes, rounded, block_codes, block_rounded, prepared.perm)
             continue
@@ -322,11 +324,9 @@ def gptq_quantize_stacked(
 
 
 def on_kernel(fmt: Format, weight: torch.Tensor, config: GPTQConfig) -> bool:
-    """Whether the column loop runs as :mod:`gptq_cuda`'s kernel: a uniform integer grid of 2 to 7
-    bits, a CUDA weight, Triton importable, lazy blocks the kernel holds (``block_size`` up to its
-    ``MAX_WIDTH``). INT8 keeps the torch loop: on an H100 the kernel's int8 codes differed from
-    the torch loop's (cause not yet found; tests/test_gptq_gpu.py)."""
-    if not (isinstance(fmt, IntegerFormat) and fmt.bits < 8 and weight.is_cuda):
+    """Whether the column loop runs as :mod:`gptq_cuda`'s kernel: a uniform integer grid, a CUDA
+    weight, Triton importable, lazy blocks the kernel holds (``block_size`` up to its ``MAX_WIDTH``)."""
+    if not (isinstance(fmt, IntegerFormat) and weight.is_cuda):
         return False
     try:
         from lowbit.algorithms import gptq_cuda
