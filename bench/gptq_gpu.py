@@ -3,7 +3,8 @@
 The model: Llama-3-8B's widths (hidden 4096, intermediate 14336, 32 heads, 8 KV heads, vocabulary
 128256), ``--layers`` decoder layers (32 for the whole model), random bfloat16 weights, kept in
 CPU memory: lowbit's pipeline moves one layer at a time to the GPU, as it does for a real model.
-The embedding and rotary tables sit on the GPU, so the calibration activations stay there.
+The embedding and rotary tables sit on the GPU, so the calibration activations stay there
+(``--activations cpu``: in CPU memory, a batch at a time on the GPU).
 Calibration: 128 x 2048 random token ids (``--samples``, ``--length``). Plan: ``int4-g128`` GPTQ
 (dynamic groups; ``--act-order`` for llm-compressor's default static act-order), lm_head kept.
 
@@ -32,14 +33,17 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path[0] = str(REPO)  # not bench/: its gguf.py would shadow gguf-py
 
-import lowbit  # noqa: E402
-from lowbit.algorithms import gptq  # noqa: E402
-from lowbit.pipeline import LayerBlock, quantize_model  # noqa: E402
-from lowbit.plan import Plan, make_rule  # noqa: E402
+import lowbit
+from lowbit.algorithms import gptq
+from lowbit.pipeline import LayerBlock, quantize_model
+from lowbit.plan import Plan, make_rule
 
 
-def llama3_8b_shaped(layers: int) -> torch.nn.Module:
-    """Random bf16 weights drawn on the GPU (fast), then moved to the CPU; embedding and rotary stay on the GPU."""
+def llama3_8b_shaped(layers: int, activations: str) -> torch.nn.Module:
+    """Random bf16 weights drawn on the GPU (fast), then moved to the CPU; the embedding and
+    rotary tables stay on the GPU with ``activations="cuda"`` (the calibration activations
+    then live there), else they move to the CPU too (activations in CPU memory, each batch
+    copied to the GPU and back, as llm-compressor offloads them)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.for_model(
@@ -55,6 +59,8 @@ def llama3_8b_shaped(layers: int) -> torch.nn.Module:
                 parameter.normal_(0, 0.02)
     model.model.layers.to("cpu")
     model.lm_head.to("cpu")
+    if activations == "cpu":
+        model.to("cpu")
     torch.cuda.empty_cache()
     return model.eval()
 
@@ -86,13 +92,14 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=2048)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--act-order", action="store_true")
+    parser.add_argument("--activations", choices=("cuda", "cpu"), default="cuda", help="where the calibration activations live")
     parser.add_argument("--torch-loop", action="store_true", help="the per-column torch loop, not the Triton kernel")
     parser.add_argument("--out", default=str(REPO / "bench" / "results"))
     args = parser.parse_args()
     if args.torch_loop:
         gptq.on_kernel = lambda *_: False
     start = time.perf_counter()
-    model = llama3_8b_shaped(args.layers)
+    model = llama3_8b_shaped(args.layers, args.activations)
     build_seconds = time.perf_counter() - start
     tokens = torch.randint(0, 128256, (args.samples, args.length), generator=torch.Generator().manual_seed(0))
     options = {"format": "int4-g128", "algorithm": "gptq", "act_order": args.act_order}
@@ -121,6 +128,7 @@ def main() -> None:
         "calibration": f"{args.samples}x{args.length} random tokens",
         "plan": "int4-g128 gptq" + (" act_order (static groups)" if args.act_order else " (dynamic groups)"),
         "column_loop": "torch" if args.torch_loop else "triton",
+        "activations_on": args.activations,
         "build_seconds": round(build_seconds, 2),
         "total_seconds": round(total, 2),
         "seconds_per_block": round(per_block, 3),
@@ -133,6 +141,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     suffix = ("-actorder" if args.act_order else "") + ("-torchloop" if args.torch_loop else "")
+    suffix += "-cpu-activations" if args.activations == "cpu" else ""
     path = out / f"gptq-gpu-{report['date'][:10]}-{args.layers}layers{suffix}.json"
     path.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {path}")
