@@ -62,7 +62,7 @@ def _gptq_block(
     rounded = tl.zeros((ROWS, WIDTH), dtype=tl.float32)
     errors = tl.zeros((ROWS, WIDTH), dtype=tl.float32)
     param_row = row.to(tl.int64) * param_stride
-    for i in range(0, width):
+    for i in range(width):
         here = col[None, :] == i
         x = tl.sum(tl.where(here, tile, 0.0), axis=1)
         group = tl.load(group_ptr + i)
