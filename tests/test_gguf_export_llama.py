@@ -87,3 +87,71 @@ def test_llama_cpp_runs_lowbits_gguf(llama_python, original, tmp_path, kind):
     max_kl, min_top1 = LIMITS[kind]
     print(f"{kind}: KL(torch || llama.cpp) {kl:.5f}, top-1 {top1:.3f}, {path.stat().st_size / 1e6:.1f} MB", file=sys.stderr)
     assert kl <= max_kl and top1 >= min_top1, (kl, top1)
+
+
+@pytest.fixture(scope="module")
+def llama_tools() -> Path:
+    run = subprocess.run(["bash", str(ROOT / "scripts" / "llama_cpp_tools.sh")], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return Path(run.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def smollm2_f32(llama_tools, tmp_path_factory) -> Path:
+    """SmolLM2 as an F32 GGUF made by llama-quantize itself: the common source of both sides."""
+    from lowbit.sources import default_model_path
+
+    path = tmp_path_factory.mktemp("f32") / "smollm2-F32.gguf"
+    subprocess.run([str(llama_tools / "llama-quantize"), "--allow-requantize", str(default_model_path()), str(path), "F32"],
+                   capture_output=True, check=True)  # fmt: skip
+    return path
+
+
+@pytest.mark.parametrize("kind, imatrix", [("Q4_K_M", False), ("Q4_K_M", True), ("IQ4_XS", True), ("Q2_K", False), ("Q6_K", False)])
+def test_tensors_are_byte_identical_to_llama_quantize(llama_tools, smollm2_f32, tmp_path, kind, imatrix, monkeypatch):
+    """From the same F32 GGUF (and the same llama-imatrix file), every tensor of lowbit's file has
+    llama-quantize's type and bytes: the mix, the fallbacks and the weighted searches are llama.cpp's."""
+    import gguf
+
+    import lowbit
+
+    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path / "cache"))
+    options = []
+    if imatrix:
+        matrix = tmp_path / "imatrix.gguf"
+        calibration = tmp_path / "calib.txt"
+        calibration.write_text(" ".join(TEXTS) * 200)
+        subprocess.run([str(llama_tools / "llama-imatrix"), "-m", str(smollm2_f32), "-f", str(calibration), "-c", "128",
+                        "--chunks", "4", "-o", str(matrix)], capture_output=True, check=True)  # fmt: skip
+        options = ["--imatrix", str(matrix)]
+    theirs = tmp_path / "llama.gguf"
+    subprocess.run([str(llama_tools / "llama-quantize"), *options, str(smollm2_f32), str(theirs), kind], capture_output=True, check=True)
+    ours = tmp_path / "lowbit.gguf"
+    lowbit.export_gguf(smollm2_f32, ours, kind, imatrix_file=matrix if imatrix else None, progress=False)
+    a = {t.name: t for t in gguf.GGUFReader(theirs).tensors}
+    b = {t.name: t for t in gguf.GGUFReader(ours).tensors}
+    assert set(a) == set(b)
+    differing = [n for n in a if a[n].tensor_type != b[n].tensor_type or bytes(a[n].data) != bytes(b[n].data)]
+    assert differing == [], differing[:5]
+    assert abs(ours.stat().st_size - theirs.stat().st_size) < 4096  # metadata only
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2"])
+def test_llama_cpp_computes_every_familys_logits(llama_python, tmp_path, family):
+    """A tiny random model of each family, written as F32: llama.cpp's own graph for the
+    architecture (its hyperparameter keys, rope layout, norms) gives torch's logits. This is the
+    only runtime check of Gemma (transformers' GGUF loader has no gemma)."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_gguf_export import saved_model
+
+    from lowbit.export.gguf import GgufOptions, write_gguf
+
+    model = saved_model(tmp_path, family)
+    path = tmp_path / "model.gguf"
+    write_gguf(model, path, GgufOptions("F32"), tokenizer_source=tmp_path, name="tiny", progress=False)
+    answer = probe(llama_python, tmp_path, {"model": str(path), "prompt": "the quick brown"})  # < 16 tokens: inside every sliding window
+    tokens = torch.tensor([answer["prompt_tokens"]])
+    with torch.no_grad():
+        want = model(tokens).logits[0]
+    got = torch.tensor(answer["logits"])
+    assert (got - want).abs().max().item() <= 1e-3 * want.abs().max().item() + 1e-4, family
