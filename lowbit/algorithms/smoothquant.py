@@ -13,11 +13,13 @@ lose their resolution. Dividing input channel ``j`` by
 (``max|W_:,j|`` over every linear that reads the input) and multiplying the weights' column
 ``j`` by it balances the two ranges; ``α`` (default 0.5) says how much of the difficulty moves
 to the weights. The division is folded into the norm before the group (``lowbit.folding``),
-so the float model computes the same function. By default only groups after a norm are
-smoothed, as in the paper (q/k/v, gate/up). ``smooth_linears`` also smooths the groups after
-a linear where the fold exists (``down_proj``'s input, the product of gate and up, divided
-through ``up_proj``'s rows; ``o_proj``'s through ``v_proj``'s without grouped-query
-attention): in Llama-style models that input carries the largest outliers of all.
+so the float model computes the same function. The paper (and llm-compressor's default
+mappings) smooth the groups after a norm (q/k/v, gate/up); ``smooth_linears`` (default on)
+also smooths the groups after a linear where the fold exists (``down_proj``'s input, the
+product of gate and up, divided through ``up_proj``'s rows; ``o_proj``'s through ``v_proj``'s
+without grouped-query attention): in Llama-style models that input carries the largest
+outliers of all. On SmolLM2-135M (8 dev windows, 16 x 512 calibration) it takes W8A8's KL
+from 0.0139 (norms only) to 0.0100, perplexity +1.6% -> +1.3% (plain W8A8: KL 0.028, +3.5%).
 
 Then every weight is rounded to nearest in its format (INT8 per channel for ``w8a8``, FP8
 E4M3 per channel for ``w8a8-fp8``), and the rule's activation quantizer (dynamic per token)
@@ -52,7 +54,7 @@ class SmoothQuantConfig(AlgorithmConfig):
     folds_scales = True
     weight_only = False
     alpha: float = 0.5
-    smooth_linears: bool = False
+    smooth_linears: bool = True
 
     def __post_init__(self) -> None:
         self.require_fraction("alpha", " (how much of the activations' range moves to the weights)")
