@@ -8,7 +8,8 @@
 - CPU greedy generation, ms per new token (prompt included), float vs int4-g128 vs nf4-dq,
   through ``lowbit.generate`` (which runs under ``dense_cache``);
 - the default model's sizes: the source GGUF file, the reference in memory (float32), and each
-  scheme's output directory on disk (kept tensors in bf16, and int4-g128 with ``--keep-dtype fp32``).
+  scheme's output directory on disk (kept tensors stored in 16 bits, the default, and int4-g128
+  with ``--keep-dtype fp32``).
 
 Prints a table and writes ``bench/results/first-hour-cpu-<date>.json``. The 1-minute load
 average before and after says whether the cores were shared with other work.

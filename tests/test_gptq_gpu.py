@@ -64,3 +64,21 @@ def test_formats_off_the_integer_grid_keep_the_torch_loop():
     assert not on_kernel(get_format("nf4"), w, GPTQConfig())
     assert not on_kernel(get_format("int4-g128"), w.cpu(), GPTQConfig())
     assert not on_kernel(get_format("int4-g128"), w, GPTQConfig(block_size=256))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_sixteen_bit_inputs_give_a_float32_hessian_close_to_float64(dtype):
+    """The Hessian of 16-bit inputs is multiplied as 16-bit with float32 accumulation on the GPU
+    (``statistics._gram``): near the float64 Gram matrix of the same values, and no overflow
+    where the inputs' squares exceed the 16-bit range."""
+    from lowbit.algorithms.statistics import HESSIAN, InputStatistics
+
+    generator = torch.Generator().manual_seed(0)
+    x = (torch.randn(3000, 96, generator=generator) * 300).to(dtype)  # squares summed overflow fp16
+    stats = InputStatistics(frozenset({HESSIAN}), 96)
+    for part in x.cuda().split(1000):
+        stats.add(part)
+    exact = x.double().T @ x.double() / x.shape[0]
+    got = stats.hessian.double().cpu()
+    assert stats.hessian.dtype == torch.float32 and torch.isfinite(got).all()
+    assert ((got - exact).abs().max() / exact.abs().max()).item() < 1e-4
