@@ -299,10 +299,11 @@ def export(
     weight bytes and bits per weight before and after.
     """
     exporter = get_exporter(to)
-    if exporter.name == "gguf":  # llama.cpp's types are chosen per tensor by a mix: scheme names it
+    if exporter.name in ("gguf", "ollama"):  # llama.cpp's types are chosen per tensor by a mix: scheme names it
         return export_gguf(
             model, path, scheme or "Q8_0", method=method or "rtn", calibration=calibration, calibration_samples=calibration_samples,
             calibration_length=calibration_length, tokenizer=tokenizer, device=device, overwrite=overwrite, progress=progress,
+            ollama=exporter.name == "ollama",
         )  # fmt: skip
     source = None if isinstance(model, nn.Module) else str(model if foreign_method(model) else resolve_model(model))
     check_output(path, overwrite, inputs=[source])  # refuse before the slow part
@@ -360,6 +361,7 @@ def export_gguf(
     device: str | torch.device | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    ollama: bool = False,
 ) -> dict:
     """Write ``model`` as a GGUF file of llama.cpp's mix ``type`` (``Q4_K_M``, ``Q8_0``, ``F16`` …),
     each tensor's type chosen as ``llama-quantize`` chooses it (``lowbit.export.gguf_mix``).
@@ -373,7 +375,20 @@ def export_gguf(
     other (``gptq``) runs through lowbit's pipeline on the ``calibration`` text over each
     linear's ggml block format (:func:`lowbit.export.gguf.gguf_plan`). Returns
     the writer's summary (path, type, bytes, seconds, tensor types, fallback notes).
+
+    ``ollama``: ``path`` is a directory that receives the file as ``model.gguf`` and a
+    Modelfile (TEMPLATE from the chat template, stop tokens) for ``ollama create NAME -f
+    path/Modelfile``; the directory appears complete or not at all.
     """
+    if ollama:  # the same export into the directory's model.gguf, then the Modelfile beside it
+        options = {k: v for k, v in locals().items() if k not in ("model", "path", "type", "ollama", "overwrite")}
+        from lowbit.export.ollama import GGUF_NAME, write_ollama
+
+        summary: dict = {}
+        directory = write_ollama(
+            path, lambda gguf_path: summary.update(export_gguf(model, gguf_path, type, **options)), overwrite=overwrite
+        )
+        return {**summary, "path": str(directory / GGUF_NAME), "ollama": str(directory)}
     from lowbit.export.gguf import GgufOptions, check_gguf_output, gguf_plan, parse_tensor_types, write_gguf
     from lowbit.export.gguf_mix import mix_name
     from lowbit.imatrix_file import read_imatrix

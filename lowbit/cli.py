@@ -85,9 +85,12 @@ def _gguf_export(args) -> None:
         calibration_samples=args.calibration_samples, calibration_length=args.calibration_length, method=args.method or "rtn",
         output_tensor_type=args.output_tensor_type, token_embedding_type=args.token_embedding_type, pure=args.pure,
         tensor_types=args.tensor_type or (), allow_requantize=args.allow_requantize, device=args.device, overwrite=args.overwrite,
+        ollama=args.to == "ollama",
     )  # fmt: skip
     types = ", ".join(f"{count} {kind}" for kind, count in sorted(summary["tensor_types"].items()))
     print(f"wrote {summary['type']} ({types}) in {summary['seconds']:.1f} s: {_mb(summary['bytes'])}\nsaved {summary['path']} (gguf)")
+    if "ollama" in summary:
+        print(f"saved {summary['ollama']}/Modelfile: ollama create NAME -f {summary['ollama']}/Modelfile")
 
 
 GGUF_ONLY = ("type", "imatrix", "output_tensor_type", "token_embedding_type", "pure", "tensor_type", "allow_requantize")
@@ -96,7 +99,7 @@ GGUF_ONLY = ("type", "imatrix", "output_tensor_type", "token_embedding_type", "p
 def cmd_export(args) -> None:
     import lowbit
 
-    if args.to == "gguf":
+    if args.to in ("gguf", "ollama"):
         return _gguf_export(args)
     given = [name for name in GGUF_ONLY if getattr(args, name)]
     if given:

@@ -301,6 +301,38 @@ def test_cli_writes_a_gguf_and_refuses_mixed_options(tmp_path, exported, capsys)
     assert not (tmp_path / "x.gguf").exists() and not (tmp_path / "x").exists()
 
 
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def test_cli_ollama_writes_the_gguf_and_a_modelfile(tmp_path, capsys):
+    """``--to ollama``: a directory with model.gguf (the same file ``--to gguf`` writes) and a
+    Modelfile whose TEMPLATE is the chat template; an existing output is refused unless --overwrite."""
+    from lowbit.cli import main
+
+    directory = tmp_path / "model"
+    saved_model(directory, "llama")
+    tokenizer = byte_fallback_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.chat_template = CHATML
+    tokenizer.save_pretrained(directory)
+    out = tmp_path / "ollama"
+    assert main(["export", str(directory), "--to", "ollama", "--type", "Q8_0", "-o", str(out)]) in (0, None)
+    assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "model.gguf"]
+    assert "ollama create NAME -f" in capsys.readouterr().out
+    lines = (out / "Modelfile").read_text().splitlines()
+    assert "FROM ./model.gguf" in lines and any(line.startswith("TEMPLATE") for line in lines)
+    assert "<|im_start|>" in (out / "Modelfile").read_text() and 'PARAMETER stop "<|im_end|>"' in lines
+    single = tmp_path / "single.gguf"
+    assert main(["export", str(directory), "--to", "gguf", "--type", "Q8_0", "-o", str(single)]) in (0, None)
+    ours = {t.name: bytes(t.data) for t in gguf.GGUFReader(out / "model.gguf").tensors}
+    assert ours == {t.name: bytes(t.data) for t in gguf.GGUFReader(single).tensors}
+    assert main(["export", str(directory), "--to", "ollama", "-o", str(out)]) == 2  # exists
+    assert main(["export", str(directory), "--to", "ollama", "--type", "Q8_0", "-o", str(out), "--overwrite"]) in (0, None)
+
+
 def test_gptq_over_k_quant_blocks_beats_llama_cpp_rounding(tmp_path, eval_text_file):
     """``method="gptq"``: the pipeline runs GPTQ over each linear's ggml block format and the
     writer copies its blocks; same types as the mix, and on its calibration text the model

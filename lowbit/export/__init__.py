@@ -27,7 +27,7 @@ from torch import nn
 
 from lowbit.errors import LowbitError, UnknownNameError
 from lowbit.export import mlx, native
-from lowbit.export import awq, compressed_tensors, gguf, gptq
+from lowbit.export import awq, compressed_tensors, gguf, gptq, ollama
 from lowbit.formats import Format
 from lowbit.nn import quantized_linears
 
@@ -103,3 +103,13 @@ register(Exporter("gptq", "GPTQModel, transformers, vLLM (GPTQ v1 zeros)", gptq.
 register(Exporter("gptq-v2", "GPTQModel, vLLM (GPTQ v2 zeros)", gptq.carries, gptq.writer("gptq-v2")))
 register(Exporter("awq", "AutoAWQ, GPTQModel, transformers, vLLM (AWQ GEMM)", awq.carries, awq.write))
 register(Exporter("gguf", "llama.cpp, Ollama, LM Studio", gguf.carries, gguf.write))
+register(
+    Exporter(
+        "ollama",
+        "Ollama (ollama create NAME -f DIR/Modelfile)",
+        gguf.carries,
+        lambda model, path, tokenizer, overwrite: ollama.write_ollama(
+            path, lambda gguf_path: gguf.write(model, gguf_path, tokenizer, False), overwrite=overwrite
+        ),
+    )
+)
