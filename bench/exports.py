@@ -33,7 +33,6 @@ import os
 import platform
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 import warnings
@@ -41,8 +40,6 @@ from pathlib import Path
 
 import torch
 
-# `python bench/exports.py` puts bench/ first on sys.path, where bench/gguf.py would shadow gguf-py
-sys.path = [entry for entry in sys.path if Path(entry or ".").resolve() != Path(__file__).resolve().parent]
 import lowbit
 from lowbit.sources import token_windows, tokenize
 
@@ -60,7 +57,7 @@ with torch.no_grad():
 
 
 def bench_module(name: str):
-    """A sibling benchmark script as a module (not via sys.path: bench/gguf.py would shadow gguf-py)."""
+    """A sibling benchmark script as a module, loaded from its path."""
     spec = importlib.util.spec_from_file_location(f"bench_{name}", Path(__file__).resolve().parent / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

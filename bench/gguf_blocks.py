@@ -33,8 +33,8 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-# the repository, not bench/, first on the path: bench/gguf.py would shadow the gguf package
-sys.path[0] = str(ROOT)
+# the repository first on the path: lowbit from this checkout
+sys.path.insert(0, str(ROOT))
 
 from lowbit.formats.gguf_blocks import BLOCK_TYPES, quantize_ggml
 from lowbit.formats.gguf_types import GGML_TYPES

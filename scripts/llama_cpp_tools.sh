@@ -2,7 +2,7 @@
 # Builds llama.cpp's own tools (llama-quantize, llama-imatrix, llama-perplexity)
 # from the llama.cpp sources vendored in the pinned llama-cpp-python sdist, once, into a
 # cache outside the checkout; later calls only print the folder. The heavy GGUF checks and
-# bench/gguf.py use them. About ten minutes on 2 cores the first time.
+# bench/gguf_llamacpp.py use them. About ten minutes on 2 cores the first time.
 #
 #   bash scripts/llama_cpp_tools.sh        # prints the folder holding the binaries
 #

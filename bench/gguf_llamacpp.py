@@ -1,7 +1,7 @@
 """lowbit's GGUF files against llama-quantize's, on SmolLM2-135M under the dev protocol.
 
-    python bench/gguf.py [--types Q8_0,Q6_K,...] [--windows 40] [--chunks 128] [--threads 2] [--work DIR]
-    python bench/gguf.py --types Q4_K_M --windows 2 --chunks 4      # a smoke run (minutes)
+    python bench/gguf_llamacpp.py [--types Q8_0,Q6_K,...] [--windows 40] [--chunks 128] [--threads 2] [--work DIR]
+    python bench/gguf_llamacpp.py --types Q4_K_M --windows 2 --chunks 4      # a smoke run (minutes)
 
 Both sides start from the same F32 GGUF (``llama-quantize --allow-requantize SRC F32``: the
 SmolLM2 GGUF's Q4_1 weights, unrounded). For each type, five files:
