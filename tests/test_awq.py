@@ -381,7 +381,7 @@ def smollm2_protocol(tmp_path_factory, windows: int = 8, samples: int = 16):
 @pytest.mark.heavy
 def test_awq_beats_rtn_with_clip_on_smollm2(tmp_path_factory):
     """AWQ int4-g128 against RTN int4-g128+clip on the same calibration ids (16 x 512), KL on 8
-    dev windows of 512 tokens (about 5 minutes on 2 cores)."""
+    dev windows of 512 tokens (17 minutes on 2 shared cores, the GGUF dequantized once included)."""
     from lowbit.eval import evaluate_windows
     from lowbit.plan import resolve_scheme
 
