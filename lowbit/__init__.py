@@ -7,7 +7,7 @@
 """
 
 from lowbit.version import __version__
-from lowbit.algorithms import GPTQConfig, RTNConfig, method_names
+from lowbit.algorithms import AWQConfig, GPTQConfig, RTNConfig, SmoothQuantConfig, method_names
 from lowbit.api import (
     DEFAULT_SCHEME,
     QUALITY_BUDGETS,
@@ -34,7 +34,7 @@ from lowbit.sources import DEFAULT_MODEL
 from lowbit.integrations import register_with_transformers
 
 __all__ = [
-    "DEFAULT_MODEL", "DEFAULT_SCHEME", "DEFAULT_SCHEMES", "GPTQConfig", "LowbitConfig", "PRESETS", "QUALITY_BUDGETS", "LowbitError", "Plan", "QTensor", "RTNConfig",
+    "AWQConfig", "DEFAULT_MODEL", "DEFAULT_SCHEME", "DEFAULT_SCHEMES", "GPTQConfig", "LowbitConfig", "PRESETS", "QUALITY_BUDGETS", "LowbitError", "Plan", "QTensor", "RTNConfig", "SmoothQuantConfig",
     "__version__", "compare", "method_names", "evaluate", "export", "export_gguf", "exporter_names", "generate", "get_format", "imatrix", "inspect", "load",
     "quantize", "recipe", "save", "size",
 ]  # fmt: skip
