@@ -187,7 +187,6 @@ def test_without_calibration_is_refused():
         quantize_model(tiny_model("llama"), sq_plan(), progress=False)
 
 
-@pytest.mark.xfail(strict=True, reason="load_native does not set QuantLinear.input_quantizer from the manifest's 'activations' yet (export/native.py)")
 def test_w8a8_round_trips_through_a_native_checkpoint(tmp_path):
     model = lowbit.quantize(tiny_model("llama"), "w8a8", method="smoothquant", calibration=tiny_tokens(4, 32), progress=False, keep_dtype="fp32")
     lowbit.save(model, tmp_path / "out")
@@ -195,6 +194,11 @@ def test_w8a8_round_trips_through_a_native_checkpoint(tmp_path):
     assert loaded.get_submodule("model.layers.0.mlp.down_proj").input_quantizer is fake_quantize_int8_per_token
     held_out = tiny_tokens(2, 16, seed=4)
     torch.testing.assert_close(logits(loaded, held_out), logits(model, held_out), rtol=1e-4, atol=1e-4)
+    from transformers import AutoModelForCausalLM  # after import lowbit: its quantizer loads it
+
+    through_transformers = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert through_transformers.get_submodule("model.layers.0.mlp.down_proj").input_quantizer is fake_quantize_int8_per_token
+    torch.testing.assert_close(logits(through_transformers, held_out), logits(model, held_out), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.heavy

@@ -51,6 +51,7 @@ from lowbit.errors import LowbitError
 from lowbit.export.atomic import atomic_directory
 from lowbit.config import load_config
 from lowbit.lazy import FLOAT_DTYPES, INDEX_FILE, StoredTensors, put_tensor, tensor_groups
+from lowbit.kernels.activation import activation_quantizer
 from lowbit.nn import PART_PREFIX, QuantLinear, is_linear, linear_shape, quantized_linears, set_submodule, unique_state_dict
 from lowbit.skeleton import check_parts, empty_model, manifest_format
 from lowbit.sources import read_json
@@ -324,7 +325,9 @@ def load_native(path: str | os.PathLike, dtype: torch.dtype | None = None):
             parts = {part: got[k] for part, k in keys.items()}
             held = got.get(bias)
             held = None if held is None else held.to(dtypes[bias])
-            set_submodule(model, name, QuantLinear(shape[1], shape[0], fmt, parts, held))
+            module = QuantLinear(shape[1], shape[0], fmt, parts, held)
+            module.input_quantizer = activation_quantizer(modules[name].get("activations"))  # W8A8: as quantized
+            set_submodule(model, name, module)
     model.lowbit_manifest = manifest
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)

@@ -58,6 +58,7 @@ from transformers.quantizers.auto import (
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from lowbit.algorithms import handler_for
+from lowbit.kernels.activation import activation_quantizer
 from lowbit.api import kept_dtype
 from lowbit.errors import LowbitError
 from lowbit.export.native import TRANSFORMERS_GUARD, check_checkpoint, save_native, tensor_digest
@@ -239,7 +240,9 @@ class LowbitHfQuantizer(HfQuantizer):
         model.tie_weights()
         planned, _, self.digests = check_checkpoint(path, model, modules, self.stored)
         for name, (fmt, _, _, _) in planned.items():
-            set_submodule(model, name, _skeleton(model.get_submodule(name), fmt))
+            skeleton = _skeleton(model.get_submodule(name), fmt)
+            skeleton.input_quantizer = activation_quantizer(modules[name].get("activations"))  # W8A8: as quantized
+            set_submodule(model, name, skeleton)
 
     def _prepare_quantization(self, model) -> None:
         self.plan = self.quantization_config.plan()
