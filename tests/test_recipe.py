@@ -108,8 +108,10 @@ def test_the_recipe_command_reproduces_the_measurement(tiny_model_dir, eval_text
     arguments = result["command"].split()[1:-1] + [str(out)]
     assert main(arguments) == 0
     evaluated = lowbit.evaluate(out, reference=tiny_model_dir, data=eval_text_file, windows=4, window_length=16, progress=False)
-    # the recipe's KL comes from the reference's summary, evaluate's from full distributions (1e-5 apart)
-    assert evaluated["kl_divergence"] == pytest.approx(result["rows"][-1]["kl_divergence"], rel=1e-4)
+    # the recipe's KL comes from the reference's summary, evaluate's from full distributions (1e-5
+    # apart); and the recipe measures with the reference's own kept tensors while the checkpoint
+    # stores them in 16 bits (5e-4 apart here)
+    assert evaluated["kl_divergence"] == pytest.approx(result["rows"][-1]["kl_divergence"], rel=2e-3)
     assert evaluated["weight_bytes"] == result["rows"][-1]["weight_bytes"]
 
 
