@@ -30,6 +30,13 @@ from lowbit.nn import QuantLinear
 from lowbit.pipeline import LayerBlock, quantize_model
 from lowbit.plan import Plan, make_rule
 
+
+def paper(**options) -> GPTQConfig:
+    """GPTQ as the paper and its reference run it (no act-order, no clip search) unless asked: what
+    the column-by-column reference below computes."""
+    return GPTQConfig(**{"act_order": False, "clip_search": False, **options})
+
+
 #: a rounding is a float tie when its value lies this close (in steps) to a decision boundary
 TIE = 1e-3
 
@@ -189,7 +196,7 @@ def test_matches_the_reference(name, shape, block_size):
     """Dynamic groups, lazy blocks wider, narrower and not a multiple of the group."""
     x = correlated_inputs(256, shape[1], seed_of(name, shape, "x"), dead=(3,))
     w, h = random_weight(shape, seed_of(name, shape, "w")), hessian_of(x)
-    qtensor, _ = gptq_quantize(w, h, get_format(name), GPTQConfig(block_size=block_size))
+    qtensor, _ = gptq_quantize(w, h, get_format(name), paper(block_size=block_size))
     assert_same_up_to_ties(qtensor, w, h, name)
 
 
@@ -199,7 +206,7 @@ def test_act_order_and_static_groups_match_the_reference(name, shape, act_order,
     """act_order forces static groups: params from the original weights, canonical layout."""
     x = correlated_inputs(256, shape[1], seed_of(name, shape, "x2"))
     w, h = random_weight(shape, seed_of(name, shape, "w2")), hessian_of(x)
-    config = GPTQConfig(act_order=act_order, static_groups=static, block_size=16)
+    config = paper(act_order=act_order, static_groups=static, block_size=16)
     qtensor, _ = gptq_quantize(w, h, get_format(name), config)
     assert_same_up_to_ties(qtensor, w, h, name, act_order=act_order, static=True)
 
@@ -227,7 +234,7 @@ FORMATS = [
     "int2-g32", "int3-g32", "int4-g32", "int4-sym-g32", "int5-g32", "int6-g32", "int8-g32", "int8",
     "int4", "int4-g48", "int8-tensor", "nf4", "nf4-dq", "nf4-g128", "fp8", "fp8-e5m2", "fp8-tensor", "mxfp4",
 ]  # fmt: skip
-CONFIGS = [GPTQConfig(), GPTQConfig(act_order=True), GPTQConfig(static_groups=True, block_size=32), GPTQConfig(clip_search=True)]
+CONFIGS = [paper(), paper(act_order=True), paper(static_groups=True, block_size=32), paper(clip_search=True)]
 
 
 @pytest.mark.parametrize("name", FORMATS)
@@ -245,7 +252,7 @@ def test_lower_output_error_than_rtn_and_stored_bit_for_bit(name, config):
     assert qtensor.format == fmt and qtensor.shape == shape
     assert torch.equal(qtensor.dequantize(), rounded)
     assert set(qtensor.parts) == set(fmt.quantize(w).parts)
-    if fmt.family == "int" and fmt.bits == 2 and config == GPTQConfig():
+    if fmt.family == "int" and fmt.bits == 2 and config == paper():
         return  # min-max ranges of fed-forward weights: see test_two_bits_need_ranges_robust_to_fed_forward_errors
     rtn = quantize_rtn(w, fmt, RTNConfig(clip_search=config.clip_search), torch.diagonal(h) if config.clip_search else None)
     assert output_error(w, rounded, h) < 0.9 * output_error(w, rtn.dequantize(), h)
@@ -262,7 +269,7 @@ def test_two_bits_need_ranges_robust_to_fed_forward_errors(name):
     x = correlated_inputs(512, 200, seed_of(name, "x"))
     w, h = random_weight((24, 200), seed_of(name, "w")), hessian_of(x)
     rtn = output_error(w, fmt.quantize(w).dequantize(), h)
-    for config in (GPTQConfig(static_groups=True), GPTQConfig(act_order=True), GPTQConfig(clip_search=True)):
+    for config in (paper(static_groups=True), paper(act_order=True), paper(clip_search=True)):
         assert output_error(w, gptq_quantize(w, h, fmt, config)[1], h) < 0.8 * rtn, config
 
 
@@ -272,7 +279,7 @@ def test_diagonal_hessian_is_round_to_nearest():
     h = torch.diag(torch.exp(torch.randn(100, generator=torch.Generator().manual_seed(22))))
     for name in ("int4-g32", "int3-sym-g32", "nf4", "int8", "mxfp4", "fp8"):
         fmt = get_format(name)
-        assert torch.equal(gptq_quantize(w, h, fmt)[1], fmt.quantize(w).dequantize()), name
+        assert torch.equal(gptq_quantize(w, h, fmt, paper())[1], fmt.quantize(w).dequantize()), name
 
 
 def test_deterministic():
@@ -348,7 +355,9 @@ def test_dead_channels_and_zero_rows():
 def test_config_is_registered_and_validated():
     assert config_class("gptq") is GPTQConfig
     assert GPTQConfig().statistics() == frozenset({"hessian"})
-    assert GPTQConfig(act_order=True).fixed_groups and not GPTQConfig().fixed_groups
+    assert GPTQConfig().fixed_groups and not GPTQConfig(act_order=False).fixed_groups  # act-order by default
+    assert GPTQConfig().searches_clip(get_format("int4-g128")) and not GPTQConfig().searches_clip(get_format("mxfp4"))
+    assert not GPTQConfig(clip_search=False).searches_clip(get_format("int4-g128"))
     bad = {
         "damp": (0, -0.1, 1.5, "x", True), "block_size": (0, 1.5, True), "act_order": ("yes", 1),
         "static_groups": (None,), "clip_search": (1,), "clip_grid": (0, 2.0), "clip_min": (0, 1.2),
@@ -371,7 +380,7 @@ def test_plan_rule_round_trips_through_the_manifest():
 
 def test_clip_search_is_refused_where_the_format_has_none():
     with pytest.raises(LowbitError, match="mxfp4 has no clipping search"):
-        gptq_quantize(random_weight((4, 64), 71), torch.eye(64), get_format("mxfp4"), GPTQConfig(clip_search=True))
+        gptq_quantize(random_weight((4, 64), 71), torch.eye(64), get_format("mxfp4"), paper(clip_search=True))
 
 
 class FakeBlock:
