@@ -109,59 +109,86 @@ def peer_row(label, python, work, base, windows, reference, worker: Path = WORKE
     return row
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", default=",".join(ROWS), help="comma-separated row labels, run in this order")
+def protocol_arguments(description: str, rows: dict, peers: dict, samples: int, name: str) -> tuple[argparse.Namespace, list[str]]:
+    """The options every dev-protocol benchmark takes, and the row labels to run (checked
+    against ``rows``; ``--no-peers`` drops those of ``peers``)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", default=",".join(rows), help="comma-separated row labels, run in this order")
     parser.add_argument("--windows", type=int, default=40)
     parser.add_argument("--window-length", type=int, default=512)
-    parser.add_argument("--calibration-samples", type=int, default=128)
+    parser.add_argument("--calibration-samples", type=int, default=samples)
     parser.add_argument("--calibration-length", type=int, default=512)
     parser.add_argument("--no-peers", action="store_true")
     today = datetime.date.today().isoformat()
-    parser.add_argument("--json", default=str(Path(__file__).with_name("results") / f"gptq-cpu-{today}.json"))
+    parser.add_argument("--json", default=str(Path(__file__).with_name("results") / f"{name}-cpu-{today}.json"))
     args = parser.parse_args()
     labels = [label.strip() for label in args.rows.split(",")]
-    unknown = [label for label in labels if label not in ROWS]
+    unknown = [label for label in labels if label not in rows]
     if unknown:
-        raise SystemExit(f"unknown rows {unknown}; rows are: {', '.join(ROWS)}")
+        raise SystemExit(f"unknown rows {unknown}; rows are: {', '.join(rows)}")
     if args.no_peers:
-        labels = [label for label in labels if label not in PEERS]
+        labels = [label for label in labels if label not in peers]
     if not (DATA / "wikitext2-valid-dev.txt").is_file():
         raise SystemExit(f"the dev data is not at {DATA}; this benchmark needs ../shared/data beside the repo")
     warnings.simplefilter("ignore")
-    python = ensure_venv() if any(label in PEERS for label in labels) else None
+    return args, labels
 
-    base = lowbit.load("smollm2-135m")
-    tokenizer = base.lowbit_tokenizer
-    windows = evaluation_windows(tokenizer, DATA / "wikitext2-valid-dev.txt", args.windows, args.window_length)
-    calibration = calibration_tokens(
-        tokenizer, DATA / "wikitext2-valid-calib.txt", args.calibration_samples, args.calibration_length, seed=0
-    )
-    reference = reference_log_probs(base, windows, progress=False)
-    result = {
-        "benchmark": "gptq", "date": today, "machine": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "protocol": {"windows": list(windows.shape), "calibration": list(calibration.shape), "calibration_seed": 0},
-        "rows": [],
-    }  # fmt: skip
-    with tempfile.TemporaryDirectory() as work:
-        if python is not None:
-            base.save_pretrained(f"{work}/float", safe_serialization=True)
-            tokenizer.save_pretrained(f"{work}/float")
-            save_file({"input_ids": calibration.contiguous()}, f"{work}/calibration.safetensors")
-        for label in labels:
-            if label in PEERS:
-                row = peer_row(label, python, work, base, windows, reference)
-            else:
-                row = lowbit_row(label, ROWS[label](), base, calibration, windows, reference)
-            result["rows"].append(row)
-            print(format_table([row]) if "error" not in row else f"{label}: {row['error']}", flush=True)
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nSmolLM2-135M, dev protocol: {windows.shape[0]} windows x {windows.shape[1]} tokens; "
-          f"calibration {calibration.shape[0]} x {calibration.shape[1]}")  # fmt: skip
-    print(format_table([row for row in result["rows"] if "error" not in row]))
-    print(f"wrote {args.json}")
+
+class DevProtocol:
+    """SmolLM2-135M on the dev protocol: the float model, its evaluation windows, the
+    calibration ids every tool gets, and the reference summary."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.base = lowbit.load("smollm2-135m")
+        self.tokenizer = self.base.lowbit_tokenizer
+        self.windows = evaluation_windows(self.tokenizer, DATA / "wikitext2-valid-dev.txt", args.windows, args.window_length)
+        self.calibration = calibration_tokens(
+            self.tokenizer, DATA / "wikitext2-valid-calib.txt", args.calibration_samples, args.calibration_length, seed=0
+        )
+        self.reference = reference_log_probs(self.base, self.windows, progress=False)
+
+    def result(self, benchmark: str, rows: list[dict]) -> dict:
+        return {
+            "benchmark": benchmark, "date": datetime.date.today().isoformat(), "machine": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "protocol": {"windows": list(self.windows.shape), "calibration": list(self.calibration.shape), "calibration_seed": 0},
+            "rows": rows,
+        }  # fmt: skip
+
+    def run(self, labels: list[str], rows: dict, peers: dict, worker: Path, result: dict, json_path: str, finish=None) -> None:
+        """Run each row (lowbit's plan, or the llm-compressor ``worker`` for a label in ``peers``),
+        ``finish(row)`` it, print it and write ``result`` to ``json_path`` after every row."""
+        python = ensure_venv() if any(label in peers for label in labels) else None
+        with tempfile.TemporaryDirectory() as work:
+            if python is not None:
+                self.base.save_pretrained(f"{work}/float", safe_serialization=True)
+                self.tokenizer.save_pretrained(f"{work}/float")
+                save_file({"input_ids": self.calibration.contiguous()}, f"{work}/calibration.safetensors")
+            for label in labels:
+                if label in peers:
+                    row = peer_row(label, python, work, self.base, self.windows, self.reference, worker, peers[label])
+                else:
+                    row = lowbit_row(label, rows[label](), self.base, self.calibration, self.windows, self.reference)
+                if finish is not None and "error" not in row:
+                    finish(row)
+                result["rows"].append(row)
+                print(format_table([row]) if "error" not in row else f"{label}: {row['error']}", flush=True)
+                Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+                Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
+
+    def summary(self, result: dict, json_path: str) -> None:
+        print(f"\nSmolLM2-135M, dev protocol: {self.windows.shape[0]} windows x {self.windows.shape[1]} tokens; "
+              f"calibration {self.calibration.shape[0]} x {self.calibration.shape[1]} (every tool)")  # fmt: skip
+        print(format_table([row for row in result["rows"] if "error" not in row]))
+        print(f"wrote {json_path}")
+
+
+def main() -> None:
+    args, labels = protocol_arguments(__doc__, ROWS, PEERS, 128, "gptq")
+    protocol = DevProtocol(args)
+    result = protocol.result("gptq", [])
+    protocol.run(labels, ROWS, PEERS, WORKER, result, args.json)
+    protocol.summary(result, args.json)
 
 
 if __name__ == "__main__":
