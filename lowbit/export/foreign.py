@@ -329,24 +329,21 @@ def _check_module(path: Path, reader: Reader, name: str, shape: tuple[int, int],
     return layout, keys
 
 
-def load_foreign(path: str | os.PathLike) -> tuple[nn.Module, object]:
-    """``(model, tokenizer)`` from a GPTQ, AWQ or compressed-tensors directory, quantized with
-    lowbit QuantLinear modules holding the checkpoint's own codes, scales and zeros."""
-    from transformers import AutoTokenizer
-
-    path = Path(path)
+def _open(path: Path) -> tuple[dict, str, Reader, StoredTensors, nn.Module]:
+    """``(config, quant_method, reader, stored tensors, empty model)`` of a foreign checkpoint."""
     config_dict = read_json(path / "config.json")
-    quantization = config_dict.pop("quantization_config", None)
-    config_dict.pop("lowbit_export", None)
+    quantization = config_dict.get("quantization_config")
     method = quantization.get("quant_method") if isinstance(quantization, dict) else None
     if method not in READERS:
         raise LowbitError(f"{path} is not a GPTQ, AWQ or compressed-tensors checkpoint")
     reader = _reader(method, quantization, path)
-    stored = StoredTensors(path)
-    model = empty_model(load_config(config_dict))
-    model.tie_weights()
+    plain = {k: v for k, v in config_dict.items() if k not in ("quantization_config", "lowbit_export")}
+    return config_dict, method, reader, StoredTensors(path), empty_model(load_config(plain))
 
-    planned: dict[str, tuple[Layout, dict[str, str]]] = {}
+
+def _checked_modules(path: Path, reader: Reader, model: nn.Module, stored: StoredTensors) -> dict[str, tuple[Layout, dict[str, str]]]:
+    """Every quantized linear of the checkpoint, its tensors checked against what the config implies."""
+    planned = {}
     for key in stored.entries:
         if not key.endswith(f".{reader.suffix}"):
             continue
@@ -356,6 +353,18 @@ def load_foreign(path: str | os.PathLike) -> tuple[nn.Module, object]:
         except AttributeError:
             raise LowbitError(f"{path}: {key} belongs to {name}, which is not a linear layer of this model") from None
         planned[name] = _check_module(path, reader, name, shape, stored)
+    return planned
+
+
+def load_foreign(path: str | os.PathLike) -> tuple[nn.Module, object]:
+    """``(model, tokenizer)`` from a GPTQ, AWQ or compressed-tensors directory, quantized with
+    lowbit QuantLinear modules holding the checkpoint's own codes, scales and zeros."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    _, method, reader, stored, model = _open(path)
+    model.tie_weights()
+    planned = _checked_modules(path, reader, model, stored)
     if not planned:
         raise LowbitError(f"{path} is quantized by another tool (quant_method {method!r}), but holds no {reader.suffix} tensors")
 
@@ -412,24 +421,10 @@ def inspect_foreign(path: str | os.PathLike) -> dict:
     every quantized module is checked against its config (shapes, dtypes) and listed with the
     lowbit format its config describes (``gptq:int4-g128`` …), every other tensor as stored."""
     path = Path(path)
-    config_dict = read_json(path / "config.json")
-    quantization = config_dict.get("quantization_config") or {}
-    method = quantization.get("quant_method")
-    if method not in READERS:
-        raise LowbitError(f"{path} is not a GPTQ, AWQ or compressed-tensors checkpoint")
-    reader = _reader(method, quantization, path)
-    stored = StoredTensors(path)
-    model = empty_model(load_config({k: v for k, v in config_dict.items() if k not in ("quantization_config", "lowbit_export")}))
+    config_dict, method, reader, stored, model = _open(path)
     tensors, owned = [], set()
-    for key in stored.entries:
-        if not key.endswith(f".{reader.suffix}"):
-            continue
-        name = key[: -len(reader.suffix) - 1]
-        try:
-            shape = linear_shape(model.get_submodule(name))
-        except AttributeError:
-            raise LowbitError(f"{path}: {key} belongs to {name}, which is not a linear layer of this model") from None
-        layout, keys = _check_module(path, reader, name, shape, stored)
+    for name, (layout, keys) in _checked_modules(path, reader, model, stored).items():
+        shape = linear_shape(model.get_submodule(name))
         owned.update(keys.values())
         fmt = IntegerFormat(layout.bits, layout.symmetric, layout.group_size)
         size = sum(stored.entries[key].nbytes for key in keys.values())
